@@ -1,0 +1,295 @@
+"""Safetensors in and out, a tensor at a time.
+
+Reading uses positioned reads into fresh buffers rather than mmap: a mapped file counts every touched page in the
+process's RSS, so a merge of two 1 GB models would show >2 GB resident. With pread the resident set is the tensors
+in flight. Writing lays out every shard up front (the plan knows every output shape), writes the header first and
+then streams tensor bytes in order, so a shard is never held in memory either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merging.errors import InputError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own bound
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate one safetensors header; every inconsistency is an InputError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or n + 8 > size:
+                raise InputError(f"{path}: corrupt safetensors header (header length {n} for a file of {size} bytes)")
+            blob = f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    data_len = size - data_start
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        if any(d < 0 for d in shape):
+            raise InputError(f"{path}: tensor {name!r} has a negative dimension {shape}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not (0 <= begin <= end <= data_len) or end - begin != numel * dtype_size(dtype):
+            raise InputError(
+                f"{path}: tensor {name!r} has offsets [{begin}, {end}) inconsistent with shape {list(shape)} "
+                f"{entry['dtype']} and a data section of {data_len} bytes (truncated or corrupt file)"
+            )
+        infos[name] = TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+    return infos, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    if info.nbytes:
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < info.nbytes:
+                k = os.preadv(fd, [view[got:]], info.start + got)
+                if k == 0:
+                    raise InputError(f"{info.file}: tensor {info.name!r} is truncated")
+                got += k
+        finally:
+            os.close(fd)
+    return buf.view(info.dtype).reshape(info.shape)
+
+
+class Checkpoint:
+    """A Hugging Face model folder's safetensors weights, read lazily."""
+
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"model path {self.path} does not exist")
+        files = self._weight_files(allow_pickle)
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            infos, _ = read_header(file)
+            for name, info in infos.items():
+                if name in self.tensors:
+                    raise InputError(f"{self.path}: tensor {name!r} appears in two shards")
+                self.tensors[name] = info
+
+    def _weight_files(self, allow_pickle: bool) -> list[Path]:
+        p = self.path
+        if p.is_file():
+            if p.suffix != ".safetensors":
+                raise InputError(f"{p}: not a safetensors file")
+            return [p]
+        index = p / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise InputError(f"{index}: invalid index ({e})") from None
+            names = sorted(set(weight_map.values()))
+            files = []
+            for n in names:
+                f = (p / n).resolve()
+                if p.resolve() not in f.parents:
+                    raise InputError(f"{index}: shard {n!r} points outside the model folder")
+                if not f.exists():
+                    raise InputError(f"{index}: shard {n} is missing")
+                files.append(f)
+            return files
+        single = sorted(p.glob("*.safetensors"))
+        if single:
+            for f in single:
+                if p.resolve() not in f.resolve().parents:
+                    raise InputError(f"{f}: symlink points outside the model folder")
+            return single
+        pickles = sorted(p.glob("*.bin")) + sorted(p.glob("*.pt"))
+        if pickles:
+            hint = "" if allow_pickle else " (pickle checkpoints are refused; convert to safetensors)"
+            raise InputError(f"{p}: has no safetensors weights, only {pickles[0].name}{hint}")
+        raise InputError(f"{p}: has no safetensors weights")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise InputError(f"{self.path}: tensor {name!r} is missing") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        return read_tensor(self.info(name))
+
+    def files(self) -> list[Path]:
+        return sorted({i.file for i in self.tensors.values()})
+
+    @property
+    def config(self) -> dict:
+        f = self.path / "config.json"
+        if not f.exists():
+            return {}
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{f}: invalid JSON ({e})") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardLayout:
+    """Which output tensor goes to which shard file, at what offset: fixed before anything is computed."""
+
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]]
+    file_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> "ShardLayout":
+        shards: list[list] = [[]]
+        used = 0
+        for name, dtype, shape in tensors:
+            n = dtype_size(dtype)
+            for d in shape:
+                n *= d
+            if shards[-1] and used + n > shard_size:
+                shards.append([])
+                used = 0
+            shards[-1].append((name, dtype, shape))
+            used += n
+        layout = cls(shards)
+        k = len(shards)
+        layout.file_names = (
+            ["model.safetensors"] if k == 1 else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
+        )
+        return layout
+
+    def weight_map(self) -> dict[str, str]:
+        return {name: self.file_names[i] for i, s in enumerate(self.shards) for name, _, _ in s}
+
+    def total_bytes(self) -> int:
+        total = 0
+        for s in self.shards:
+            for _, dtype, shape in s:
+                n = dtype_size(dtype)
+                for d in shape:
+                    n *= d
+                total += n
+        return total
+
+
+def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in entries:
+        n = dtype_size(dtype)
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+class ShardFile:
+    """One output shard written front to back: header, then each tensor's bytes in layout order."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+        self.path = path
+        self.expected = [e[0] for e in entries]
+        self.shapes = {e[0]: (e[1], e[2]) for e in entries}
+        self.pos = 0
+        self.f = open(path, "wb")
+        self.digest = hashlib.sha256()
+        head = encode_header(entries, metadata)
+        self.f.write(head)
+        self.digest.update(head)
+        self.tensor_sha: dict[str, str] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.expected[self.pos] != name:
+            raise RuntimeError(f"shard {self.path.name}: expected {self.expected[self.pos]}, got {name}")
+        dtype, shape = self.shapes[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise RuntimeError(f"tensor {name}: planned {dtype} {shape}, computed {tensor.dtype} {tuple(tensor.shape)}")
+        data = memoryview(tensor.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy())
+        self.f.write(data)
+        self.digest.update(data)
+        self.tensor_sha[name] = hashlib.sha256(data).hexdigest()
+        self.pos += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.pos == len(self.expected)
+
+    def close(self) -> str:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return self.digest.hexdigest()
