@@ -1,0 +1,5 @@
+import sys
+
+from alloy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""`alloy <command>`: one entry point; each command lives in its own module and takes argv."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "merge": ("alloy.cmd_merge:main", "merge models from a mergekit-style YAML"),
+    "eval": ("alloy.cmd_eval:main", "evaluate a model with lm-eval on the bundled skills or any lm-eval task"),
+    "quant-check": ("alloy.cmd_quant:main", "check that a model survives int8/int4 quantisation"),
+    "import-gguf": ("alloy.cmd_import_gguf:main", "turn a GGUF file into a Hugging Face safetensors checkpoint"),
+    "demo-family": ("alloy.cmd_demo:main", "build a demo model family (tiny from scratch, or SmolLM2 LoRA)"),
+    "run": ("alloy.cmd_pipeline:run", "run the merge pipeline (Prefect flow) on params.yaml"),
+    "serve": ("alloy.cmd_pipeline:serve", "serve the pipeline on a cron schedule"),
+    "report": ("alloy.cmd_report:main", "build the HTML report of a pipeline run"),
+    "ui": ("alloy.cmd_report:ui", "start the MLflow UI on the project's store"),
+    "inspect": ("alloy.cmd_inspect:main", "task-vector similarity, sign conflicts and trim fractions of a config"),
+    "search": ("alloy.cmd_search:main", "Optuna search over merge recipes"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: alloy <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        near = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        print(f"alloy: error: unknown command {name!r}{hint}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[name][0].split(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            print(f"alloy: error: command {name!r} is not available yet", file=sys.stderr)
+            return 2
+        raise
+    from merging.errors import AlloyError
+
+    try:
+        return int(fn(rest) or 0)
+    except AlloyError as e:
+        if debug or os.environ.get("ALLOY_DEBUG"):
+            raise
+        msg = " ".join(str(e).split())
+        print(f"alloy: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alloy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
