@@ -194,7 +194,7 @@ class Checkpoint:
             raise InputError(f"{f}: invalid JSON ({e})") from None
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:  # uncached; see merging.hashing
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -1,0 +1,227 @@
+"""mergekit's YAML as pydantic models: accepted unchanged, rejected with the path of the offending key.
+
+Parameter values follow mergekit: a scalar, a gradient (a list of numbers interpolated across a slice's layers), or
+a list of {filter, value} matched on tensor names, the first match winning. Scopes resolve from the most specific
+down: the model's own parameters in its slice, then the slice's, then the top level.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merging.errors import ConfigError
+
+Scalar = Union[bool, float, int, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+
+class ConditionalParameter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: ScalarOrGradient
+    filter: Optional[str] = None
+
+
+ParameterSetting = Union[ScalarOrGradient, ConditionalParameter, list[ConditionalParameter]]
+Parameters = dict[str, ParameterSetting]
+
+
+class ModelRef(BaseModel):
+    """A model: a local folder or a hub id, optionally at a revision (`id@rev` or {path, revision})."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    revision: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if "+" in v:
+                raise ValueError(f"LoRA model references ({v!r}) are not supported: merge the adapter into full weights first")
+            path, _, rev = v.partition("@")
+            return {"path": path, "revision": rev or None}
+        if isinstance(v, dict) and "model" in v and "path" not in v:
+            inner = v["model"]
+            if isinstance(inner, dict):
+                return {"path": inner.get("path"), "revision": inner.get("revision")}
+            return {"path": inner}
+        return v
+
+    def __str__(self) -> str:
+        return self.path + (f"@{self.revision}" if self.revision else "")
+
+
+class InputModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: ModelRef
+    parameters: Optional[Parameters] = None
+
+
+class InputSlice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: ModelRef
+    layer_range: tuple[int, int]
+    parameters: Optional[Parameters] = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        return v
+
+
+class OutputSlice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[InputSlice] = Field(min_length=1)
+    base_model: Optional[ModelRef] = None
+    residual_weight: Optional[float] = None
+    parameters: Optional[Parameters] = None
+
+
+class TokenizerSection(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    source: Union[Literal["union", "base"], ModelRef]
+    tokens: Optional[dict[str, Any]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+
+DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "float", "half")
+
+
+class MergeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    modules: Optional[dict[str, Any]] = None
+    base_model: Optional[ModelRef] = None
+    parameters: Optional[Parameters] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[Union[Literal["union", "base"], ModelRef]] = None
+    tokenizer: Optional[TokenizerSection] = None
+    chat_template: Optional[str] = None
+    name: Optional[str] = None  # mergekit-mega documents; harmless here
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"unknown dtype {v!r}; expected one of float32, float16, bfloat16")
+        return v
+
+    @model_validator(mode="after")
+    def _inputs(self) -> "MergeConfig":
+        if self.modules:
+            raise ValueError("'modules' (multi-module merges) are not supported yet; use 'models' or 'slices'")
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("exactly one of 'models' or 'slices' must be given")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either 'tokenizer_source' or a 'tokenizer' section, not both")
+        return self
+
+    def referenced_models(self) -> list[ModelRef]:
+        seen: dict[str, ModelRef] = {}
+        if self.base_model:
+            seen[str(self.base_model)] = self.base_model
+        for m in self.models or []:
+            seen.setdefault(str(m.model), m.model)
+        for s in self.slices or []:
+            for src in s.sources:
+                seen.setdefault(str(src.model), src.model)
+        return list(seen.values())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.model_dump(exclude_none=True, mode="json")), sort_keys=False)
+
+
+def _plain(obj: Any) -> Any:
+    """model_dump turns ModelRef into {path, revision}; write it back the way users write it."""
+    if isinstance(obj, dict):
+        if set(obj) <= {"path", "revision"} and "path" in obj:
+            return obj["path"] + (f"@{obj['revision']}" if obj.get("revision") else "")
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+_TOP_KEYS = list(MergeConfig.model_fields)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after[_parse(), ModelRef]",) or "[" in str(part) or str(part).startswith(("str", "float", "int", "bool", "list", "function", "ConditionalParameter", "tuple", "literal")):
+            continue  # pydantic's union branch labels are noise to a user
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def parse_config(data: Any, source: str = "config") -> MergeConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    for key in data:
+        if key not in _TOP_KEYS:
+            near = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        # pydantic reports one error per union branch; the first names the innermost key, which is what users need
+        errs = e.errors()
+        best = min(errs, key=lambda er: (er["type"] == "union_tag_invalid", -len(er["loc"])))
+        msg = best["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {_loc(best['loc'])}: {msg}") from None
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    return parse_config(data, str(path))
+
+
+def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
+    """A parameter's value for one tensor at layer position t in [0, 1]; None when no filter matches."""
+    if isinstance(setting, ConditionalParameter):
+        return evaluate(setting.value, tensor_name, t) if _matches(setting.filter, tensor_name) else None
+    if isinstance(setting, list):
+        if setting and all(isinstance(e, ConditionalParameter) for e in setting):
+            for cond in setting:
+                if _matches(cond.filter, tensor_name):
+                    return evaluate(cond.value, tensor_name, t)
+            return None
+        if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        return setting[int(t * (len(setting) - 1))]
+    return setting
+
+
+def _matches(filter_: Optional[str], tensor_name: str) -> bool:
+    return filter_ is None or filter_ == "*" or filter_ in tensor_name

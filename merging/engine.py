@@ -1,0 +1,343 @@
+"""Run a plan: read, compute and write overlapped, with a bounded number of bytes in flight.
+
+Readers fetch the next tasks' inputs while the current one computes (torch and pread release the GIL), and one writer
+thread streams finished tensors into their shard. The output lives in a temporary folder beside OUT_DIR with a
+journal of finished shards; it is renamed into place only when complete, so a killed merge leaves OUT_DIR absent or
+untouched, and `resume` picks up from the verified shards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import resource
+import shutil
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from merging.config import MergeConfig, load_config
+from merging.errors import AlloyError, OutputError
+from merging.io import ShardFile, ShardLayout, encode_header, read_tensor
+from merging.methods import REGISTRY
+from merging.plan import Plan, TensorTask, build_plan
+
+JOURNAL = "alloy_journal.json"
+PREFETCH_BYTES = 768 * 1024**2  # inputs read ahead of the computing task
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path | None
+    n_tensors: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    peak_rss_bytes: int
+    manifest: dict = field(default_factory=dict)
+    manifest_sha256: str = ""
+    state_dict: dict[str, torch.Tensor] | None = None
+
+    @property
+    def gb_per_s(self) -> float:
+        return (self.bytes_in + self.bytes_out) / 1e9 / max(self.seconds, 1e-9)
+
+    def summary(self) -> str:
+        where = f" -> {self.out_dir}" if self.out_dir else ""
+        return (f"merged {self.n_tensors} tensors: {self.bytes_in / 1e9:.2f} GB in, {self.bytes_out / 1e9:.2f} GB out, "
+                f"{self.seconds:.1f} s, {self.gb_per_s:.2f} GB/s, peak RSS {self.peak_rss_bytes / 1e9:.2f} GB{where}")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Each tensor's random stream depends on the seed and its name only, never on execution order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None, *, seed: int,
+                   device: str = "cpu") -> torch.Tensor:
+    """One output tensor from its inputs: cast to the compute dtype, run the method (or its kernel), cast out."""
+    def prep(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device, non_blocking=True)
+        return t.to(task.compute_dtype) if task.compute_dtype is not None else t
+
+    xs = [prep(t) for t in inputs]
+    b = prep(base) if base is not None else None
+    if task.method == "passthrough":
+        scale = task.per_model["scale"][0]
+        out = xs[0] * scale if scale is not None else xs[0]
+    else:
+        spec = REGISTRY[task.method]
+        gen = None
+        if spec.seeded:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(tensor_seed(seed, task.name))
+        fn = spec.fn
+        if device.startswith("cuda"):
+            from merging.kernels import KERNELS  # triton is only imported when a kernel is wanted
+
+            fn = KERNELS.get(task.method, spec.fn)
+        out = _call(spec, fn, xs, b, task, gen)
+    if tuple(out.shape) != task.shape:
+        raise AlloyError(f"tensor {task.name!r}: method {task.method} produced shape {tuple(out.shape)}, expected {task.shape}")
+    return out.to(task.dtype).cpu()
+
+
+def _call(spec, fn: Callable, xs, b, task: TensorTask, gen) -> torch.Tensor:
+    from merging.methods.registry import _py_name
+
+    kwargs = {_py_name(k): v for k, v in {**task.global_params, **task.per_model}.items()}
+    if spec.seeded:
+        kwargs["generator"] = gen
+    return fn(xs, b, **kwargs) if spec.base else fn(xs, **kwargs)
+
+
+def _load(plan: Plan, task: TensorTask) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    xs = [read_tensor(plan.checkpoints[m].info(n)) for m, n in task.inputs]
+    b = read_tensor(plan.checkpoints[task.base[0]].info(task.base[1])) if task.base else None
+    return xs, b
+
+
+def _task_bytes(plan: Plan, task: TensorTask) -> int:
+    refs = task.inputs + ([task.base] if task.base else [])
+    return sum(plan.checkpoints[m].info(n).nbytes for m, n in refs)
+
+
+def iter_computed(plan: Plan, tasks: list[TensorTask], *, seed: int, device: str = "cpu",
+                  workers: int = 2) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+    """Yield (task, output) in order, reading ahead within PREFETCH_BYTES while the current task computes."""
+    pending: deque[tuple[TensorTask, Future, int]] = deque()
+    in_flight = 0
+    nxt = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="alloy-read") as pool:
+        while nxt < len(tasks) or pending:
+            while nxt < len(tasks) and (not pending or in_flight + _task_bytes(plan, tasks[nxt]) <= PREFETCH_BYTES):
+                t = tasks[nxt]
+                size = _task_bytes(plan, t)
+                pending.append((t, pool.submit(_load, plan, t), size))
+                in_flight += size
+                nxt += 1
+            task, fut, size = pending.popleft()
+            xs, b = fut.result()
+            out = compute_tensor(task, xs, b, seed=seed, device=device)
+            del xs, b
+            in_flight -= size
+            yield task, out
+
+
+class _Writer:
+    """One thread that streams tensors into shard files; errors surface on the next put or at close."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="alloy-write", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            fn, args = item
+            if self.error is None:
+                try:
+                    fn(*args)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    self.error = e
+
+    def put(self, fn: Callable, *args: Any) -> None:
+        if self.error:
+            raise self.error
+        self.q.put((fn, args))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def _layout_key(layout: ShardLayout, plan: Plan, seed: int) -> str:
+    h = hashlib.sha256()
+    h.update(plan.config.to_yaml().encode())
+    h.update(str(seed).encode())
+    for name, shard in zip(layout.file_names, layout.shards):
+        h.update(name.encode())
+        h.update(encode_header(shard, {"format": "pt"}))
+    return h.hexdigest()
+
+
+def _verify_shard(path: Path, expect: dict[str, str]) -> bool:
+    from merging.io import read_header
+
+    try:
+        infos, _ = read_header(path)
+    except AlloyError:
+        return False
+    if set(infos) != set(expect):
+        return False
+    return all(hashlib.sha256(read_tensor(i).view(torch.uint8).reshape(-1).numpy()).hexdigest() == expect[n]
+               for n, i in infos.items())
+
+
+def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int | None = None, device: str = "cpu",
+              shard_size: int = 2 * 1024**3, dtype: str | None = None, resume: bool = False, overwrite: bool = False,
+              progress: bool = True, model_paths: dict[str, Path] | None = None, allow_pickle: bool = False,
+              extra_card: dict | None = None) -> MergeResult:
+    """Merge to a Hugging Face checkpoint folder, atomically. See docs/design.md."""
+    from merging.output import finalize_output
+
+    t0 = time.perf_counter()
+    search = []
+    if not isinstance(config, MergeConfig):
+        search.append(Path(config).resolve().parent)
+        config = load_config(config)
+    seed = 0 if seed is None else int(seed)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AlloyError(f"--device {device}: no CUDA device is available")
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite:
+        raise OutputError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
+    plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, allow_pickle=allow_pickle)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out_dir.parent / f".{out_dir.name}.alloy-lock"
+    lock = open(lock_path, "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise OutputError(f"another merge is writing {out_dir} right now (lock {lock_path})") from None
+    try:
+        result = _merge_locked(plan, out_dir, seed=seed, device=device, shard_size=shard_size, resume=resume,
+                               overwrite=overwrite, progress=progress, extra_card=extra_card, t0=t0,
+                               finalize=finalize_output)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+        lock_path.unlink(missing_ok=True)
+    return result
+
+
+def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_size: int, resume: bool,
+                  overwrite: bool, progress: bool, extra_card: dict | None, t0: float, finalize) -> MergeResult:
+    from tqdm import tqdm
+
+    tmp = out_dir.parent / f".{out_dir.name}.alloy-partial"
+    layout = ShardLayout.plan([(t.name, t.dtype, t.shape) for t in plan.tasks], shard_size)
+    key = _layout_key(layout, plan, seed)
+    journal: dict = {"key": key, "shards": {}}
+    if tmp.exists():
+        old = _read_journal(tmp)
+        if resume and old.get("key") == key:
+            for fname, tensor_sha in old.get("shards", {}).items():
+                if _verify_shard(tmp / fname, tensor_sha):
+                    journal["shards"][fname] = tensor_sha
+        else:
+            shutil.rmtree(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    _write_journal(tmp, journal)
+
+    by_name = {t.name: t for t in plan.tasks}
+    todo_shards = [i for i, f in enumerate(layout.file_names) if f not in journal["shards"]]
+    todo = [by_name[n] for i in todo_shards for n, _, _ in layout.shards[i]]
+    tensor_sha: dict[str, str] = {n: s for shas in journal["shards"].values() for n, s in shas.items()}
+    bytes_out = layout.total_bytes()
+    try:
+        writer = _Writer()
+        shard_of = {n: i for i, s in enumerate(layout.shards) for n, _, _ in s}
+        files: dict[int, ShardFile] = {}
+
+        def write(task_name: str, tensor: torch.Tensor) -> None:
+            i = shard_of[task_name]
+            if i not in files:
+                files[i] = ShardFile(tmp / layout.file_names[i], layout.shards[i], {"format": "pt"})
+            sf = files[i]
+            sf.write(task_name, tensor)
+            if sf.complete:
+                sf.close()
+                tensor_sha.update(sf.tensor_sha)
+                journal["shards"][layout.file_names[i]] = sf.tensor_sha
+                _write_journal(tmp, journal)
+                del files[i]
+
+        bar = tqdm(total=len(plan.tasks), initial=len(plan.tasks) - len(todo), unit="tensor", disable=not progress,
+                   desc="merging", dynamic_ncols=True)
+        try:
+            for task, out in iter_computed(plan, todo, seed=seed, device=device):
+                writer.put(write, task.name, out)
+                bar.update(1)
+        finally:
+            bar.close()
+            writer.close()
+        seconds = time.perf_counter() - t0
+        manifest = finalize(plan, tmp, layout, tensor_sha, seed=seed, extra_card=extra_card)
+        (tmp / JOURNAL).unlink()
+        _fsync_dir(tmp)
+        if out_dir.exists():  # only reachable with overwrite=True (checked before planning)
+            trash = out_dir.parent / f".{out_dir.name}.alloy-old"
+            if trash.exists():
+                shutil.rmtree(trash)
+            out_dir.rename(trash)
+            tmp.rename(out_dir)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(out_dir)
+        _fsync_dir(out_dir.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"writing {out_dir} failed: {e.strerror or e}; nothing was left behind") from None
+    manifest_sha = hashlib.sha256((out_dir / "alloy_manifest.json").read_bytes()).hexdigest()
+    return MergeResult(out_dir, len(plan.tasks), plan.bytes_in, bytes_out, time.perf_counter() - t0, peak_rss(),
+                       manifest, manifest_sha)
+
+
+def merge_to_state_dict(config: MergeConfig | str | Path, *, seed: int | None = None, device: str = "cpu",
+                        dtype: str | None = None, model_paths: dict[str, Path] | None = None) -> MergeResult:
+    """The same merge held in memory (for search loops that evaluate and discard)."""
+    t0 = time.perf_counter()
+    search = []
+    if not isinstance(config, MergeConfig):
+        search.append(Path(config).resolve().parent)
+        config = load_config(config)
+    plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths)
+    sd = {task.name: out for task, out in iter_computed(plan, plan.tasks, seed=0 if seed is None else seed, device=device)}
+    return MergeResult(None, len(sd), plan.bytes_in, sum(t.numel() * t.element_size() for t in sd.values()),
+                       time.perf_counter() - t0, peak_rss(), state_dict=sd)
+
+
+def _read_journal(tmp: Path) -> dict:
+    try:
+        return json.loads((tmp / JOURNAL).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_journal(tmp: Path, journal: dict) -> None:
+    part = tmp / (JOURNAL + ".tmp")
+    with open(part, "w") as f:
+        json.dump(journal, f)
+        f.flush()
+        os.fsync(f.fileno())
+    part.replace(tmp / JOURNAL)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,203 @@
+"""Everything in a merged folder besides the weights: index, config, tokenizer, model card, manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from merging.config import ModelRef
+from merging.errors import ConfigError
+from merging.hashing import file_sha256
+from merging.io import ShardLayout
+from merging.plan import Plan
+
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+BUILTIN_TEMPLATES = {"chatml": CHATML}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("alloy", "torch", "safetensors", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _path_of(plan: Plan, ref: ModelRef) -> Path:
+    return plan.checkpoints[[str(m) for m in plan.models].index(str(ref))].path
+
+
+def output_config(plan: Plan) -> dict:
+    cfg = dict(plan.checkpoints[plan.template_index].config)
+    if plan.num_layers is not None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+            if key in cfg:
+                cfg[key] = plan.num_layers
+                break
+        if isinstance(cfg.get("layer_types"), list):  # newer transformers configs list one type per layer
+            types = cfg["layer_types"]
+            cfg["layer_types"] = [types[min(i, len(types) - 1)] for i in range(plan.num_layers)]
+    dtypes = Counter(DTYPE_NAME.get(t.dtype, str(t.dtype)) for t in plan.tasks)
+    if dtypes:
+        key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
+        cfg[key] = dtypes.most_common(1)[0][0]
+    return cfg
+
+
+def _tokenizer_donor(plan: Plan) -> Path:
+    cfg = plan.config
+    src = cfg.tokenizer.source if cfg.tokenizer is not None else cfg.tokenizer_source
+    if src == "union":
+        raise ConfigError("tokenizer_source: 'union' is not supported yet; use 'base' or a model")
+    if src is None or src == "base":
+        if src == "base" and cfg.base_model is None:
+            raise ConfigError("tokenizer_source: 'base' needs a base_model")
+        return plan.checkpoints[plan.template_index].path
+    if str(src) not in [str(m) for m in plan.models]:
+        raise ConfigError(f"tokenizer_source: {src} is not one of the merged models")
+    return _path_of(plan, src)
+
+
+def check_tokenizer_policy(plan: Plan) -> None:
+    _tokenizer_donor(plan)
+    _chat_template(plan)
+
+
+def _chat_template(plan: Plan) -> str | None:
+    tpl = plan.config.chat_template
+    if not tpl:
+        return None
+    if tpl == "auto":
+        found = []
+        for ck in plan.checkpoints:
+            f = ck.path / "tokenizer_config.json"
+            if f.exists():
+                t = json.loads(f.read_text()).get("chat_template")
+                if isinstance(t, str):
+                    found.append(t)
+            elif (ck.path / "chat_template.jinja").exists():
+                found.append((ck.path / "chat_template.jinja").read_text())
+        return Counter(found).most_common(1)[0][0] if found else None
+    if tpl in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[tpl]
+    if "{" not in tpl or len(tpl) < 20:
+        raise ConfigError(f"chat_template: {tpl!r} is neither 'auto', a built-in ({', '.join(BUILTIN_TEMPLATES)}) nor a Jinja template")
+    return tpl
+
+
+def copy_tokenizer(plan: Plan, out: Path) -> list[str]:
+    donor = _tokenizer_donor(plan)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (donor / name).exists():
+            shutil.copyfile(donor / name, out / name)
+            copied.append(name)
+    tpl = _chat_template(plan)
+    if tpl is not None:
+        (out / "chat_template.jinja").write_text(tpl)
+        tc = out / "tokenizer_config.json"
+        if tc.exists():
+            data = json.loads(tc.read_text())
+            data.pop("chat_template", None)  # chat_template.jinja wins in transformers; keep one source of truth
+            tc.write_text(json.dumps(data, indent=2) + "\n")
+        if "chat_template.jinja" not in copied:
+            copied.append("chat_template.jinja")
+    return copied
+
+
+def _input_card_facts(plan: Plan) -> tuple[set[str], list[str]]:
+    """Licences and base models declared by the inputs (model-card front matter or alloy_source.json)."""
+    licences: set[str] = set()
+    bases: list[str] = []
+    for ck in plan.checkpoints:
+        src = ck.path / "alloy_source.json"
+        if src.exists():
+            data = json.loads(src.read_text())
+            if data.get("license"):
+                licences.add(data["license"])
+            if data.get("base_model"):
+                bases.append(data["base_model"])
+        readme = ck.path / "README.md"
+        if readme.exists():
+            text = readme.read_text(errors="replace")
+            if text.startswith("---"):
+                try:
+                    front = yaml.safe_load(text.split("---", 2)[1]) or {}
+                except yaml.YAMLError:
+                    front = {}
+                if isinstance(front, dict):
+                    if front.get("license"):
+                        licences.add(str(front["license"]))
+                    b = front.get("base_model")
+                    bases += [str(x) for x in (b if isinstance(b, list) else [b] if b else [])]
+    return licences, list(dict.fromkeys(bases))
+
+
+def model_card(plan: Plan, extra: dict | None) -> str:
+    licences, upstream = _input_card_facts(plan)
+    front: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "alloy", plan.config.merge_method]}
+    if len(licences) == 1:
+        front["license"] = next(iter(licences))
+    elif licences:
+        front["license"] = "other"
+    front["base_model"] = upstream + [str(m) for m in plan.models if str(m) not in upstream]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", "# Merged model", "",
+             f"Made with [alloy](https://github.com/) using the **{plan.config.merge_method}** merge method.", ""]
+    if plan.config.base_model is not None:
+        lines += [f"Base model: `{plan.config.base_model}`.", ""]
+    lines += ["## Models merged", ""] + [f"- `{m}`" for m in plan.models] + [""]
+    if upstream:
+        lines += ["## Upstream", "", "Built on " + ", ".join(f"`{b}`" for b in upstream)
+                  + (f", licensed {', '.join(sorted(licences))}." if licences else "."), ""]
+    for key, value in (extra or {}).items():
+        lines += [f"## {key}", "", str(value), ""]
+    lines += ["## Configuration", "", "```yaml", plan.config.to_yaml().strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict[str, str], *, seed: int,
+                    extra_card: dict | None = None) -> dict:
+    if len(layout.file_names) > 1:
+        index = {"metadata": {"total_size": layout.total_bytes()}, "weight_map": layout.weight_map()}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(output_config(plan), indent=2) + "\n")
+    template = plan.checkpoints[plan.template_index].path
+    if (template / "generation_config.json").exists():
+        shutil.copyfile(template / "generation_config.json", out / "generation_config.json")
+    tokenizer_files = copy_tokenizer(plan, out)
+    (out / "README.md").write_text(model_card(plan, extra_card))
+    inputs = []
+    for ref, ck in zip(plan.models, plan.checkpoints):
+        inputs.append({"model": str(ref), "revision": ref.revision,
+                       "files": {f.name: file_sha256(f) for f in ck.files()}})
+    manifest = {
+        "format": "alloy-manifest/1",
+        "merge_method": plan.config.merge_method,
+        "config": yaml.safe_load(plan.config.to_yaml()),
+        "config_sha256": hashlib.sha256(plan.config.to_yaml().encode()).hexdigest(),
+        "seed": seed,
+        "inputs": inputs,
+        "outputs": {name: [n for n, _, _ in shard] for name, shard in zip(layout.file_names, layout.shards)},
+        "tokenizer_files": tokenizer_files,
+        "tensors": {name: tensor_sha[name] for name in sorted(tensor_sha)},
+        "versions": _versions(),
+    }
+    manifest["weights_sha256"] = hashlib.sha256(json.dumps(manifest["tensors"]).encode()).hexdigest()
+    (out / "alloy_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,293 @@
+"""From a config to one task per output tensor, reading nothing but headers.
+
+Everything that can be wrong with a merge (a missing model, a missing tensor, shapes that disagree, a layer range past
+the end, a parameter the method does not take) is found here, before any tensor is read or anything is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from merging.config import InputSlice, MergeConfig, ModelRef, OutputSlice, evaluate
+from merging.errors import ConfigError, InputError
+from merging.io import Checkpoint
+from merging.methods import REGISTRY, MethodSpec
+
+LAYER_RE = re.compile(r"^(.*?\.(?:layers|h|blocks|layer))\.(\d+)\.(.+)$")
+PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings")
+TORCH_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass
+class TensorTask:
+    name: str  # output tensor name
+    method: str
+    inputs: list[tuple[int, str]]  # (model index, tensor name), the non-base models in config order
+    base: Optional[tuple[int, str]]
+    per_model: dict[str, list[Any]]
+    global_params: dict[str, Any]
+    dtype: torch.dtype  # output dtype
+    shape: tuple[int, ...]
+    compute_dtype: Optional[torch.dtype]
+
+
+@dataclass
+class Plan:
+    config: MergeConfig
+    models: list[ModelRef]
+    checkpoints: list[Checkpoint]
+    tasks: list[TensorTask]
+    base_index: Optional[int]
+    num_layers: Optional[int]  # of the output, for config.json
+    template_index: int  # the model whose config/tokenizer/non-layer layout the output follows
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_in(self) -> int:
+        total = 0
+        for t in self.tasks:
+            for m, name in t.inputs + ([t.base] if t.base else []):
+                total += self.checkpoints[m].info(name).nbytes
+        return total
+
+
+def resolve_model_path(ref: ModelRef, search: list[Path]) -> Path:
+    """A local folder as given, else relative to each search folder; hub ids are resolved by the download step."""
+    p = Path(ref.path).expanduser()
+    if p.is_absolute():
+        return p
+    for root in search:
+        if (root / p).exists():
+            return root / p
+    return p
+
+
+def num_layers_of(ckpt: Checkpoint) -> int:
+    cfg = ckpt.config
+    for key in LAYER_KEYS:
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    if isinstance(cfg.get("text_config"), dict):
+        for key in LAYER_KEYS:
+            if isinstance(cfg["text_config"].get(key), int):
+                return cfg["text_config"][key]
+    idx = [int(m.group(2)) for n in ckpt.tensors if (m := LAYER_RE.match(n))]
+    return max(idx) + 1 if idx else 0
+
+
+def _split(name: str) -> Optional[tuple[str, int, str]]:
+    m = LAYER_RE.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def _method(config: MergeConfig) -> MethodSpec | None:
+    if config.merge_method == "passthrough":
+        return None
+    if config.merge_method not in REGISTRY:
+        near = difflib.get_close_matches(config.merge_method, list(REGISTRY) + ["passthrough"], n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"merge_method: unknown method {config.merge_method!r}{hint}")
+    return REGISTRY[config.merge_method]
+
+
+def _check_parameter_names(config: MergeConfig, spec: MethodSpec | None) -> None:
+    allowed = {"scale"} if spec is None else spec.parameters
+    scopes: list[tuple[str, dict | None]] = [("parameters", config.parameters)]
+    for i, m in enumerate(config.models or []):
+        scopes.append((f"models[{i}].parameters", m.parameters))
+    for i, s in enumerate(config.slices or []):
+        scopes.append((f"slices[{i}].parameters", s.parameters))
+        for j, src in enumerate(s.sources):
+            scopes.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+    name = config.merge_method
+    for where, params in scopes:
+        for key in params or {}:
+            if key not in allowed:
+                near = difflib.get_close_matches(key, sorted(allowed), n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else f" (it takes: {', '.join(sorted(allowed)) or 'none'})"
+                raise ConfigError(f"{where}.{key}: method {name!r} has no parameter {key!r}{hint}")
+
+
+def _normalised_slices(config: MergeConfig, base: Optional[ModelRef], layers: dict[str, int],
+                       uses_base: bool) -> list[OutputSlice]:
+    if config.slices:
+        return config.slices
+    sources = [InputSlice(model=m.model, layer_range=(0, max(layers[str(m.model)], 1)), parameters=m.parameters)
+               for m in config.models or []]
+    if base is not None and uses_base and all(str(s.model) != str(base) for s in sources):
+        sources.append(InputSlice(model=base, layer_range=(0, max(layers[str(base)], 1))))
+    return [OutputSlice(sources=sources)]
+
+
+class _Params:
+    """Parameter lookup with mergekit's precedence: model-in-slice, slice, top level; first non-None wins."""
+
+    def __init__(self, config: MergeConfig, out_slice: OutputSlice):
+        self.config, self.slice = config, out_slice
+
+    def get(self, name: str, tensor_name: str, t: float, model: Optional[ModelRef] = None) -> Any:
+        if model is not None:
+            for src in self.slice.sources:
+                if str(src.model) == str(model) and src.parameters and name in src.parameters:
+                    v = evaluate(src.parameters[name], tensor_name, t)
+                    if v is not None:
+                        return v
+        for params in (self.slice.parameters, self.config.parameters):
+            if params and name in params:
+                v = evaluate(params[name], tensor_name, t)
+                if v is not None:
+                    return v
+        return None
+
+
+def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, dtype: str | None = None,
+               model_paths: dict[str, Path] | None = None, allow_pickle: bool = False) -> Plan:
+    """Resolve models, read their headers, and lay out every output tensor with its inputs and parameters."""
+    spec = _method(config)
+    _check_parameter_names(config, spec)
+    search = [Path.cwd()] + list(search_paths or [])
+    refs = config.referenced_models()
+    ckpts: dict[str, Checkpoint] = {}
+    for ref in refs:
+        key = str(ref)
+        path = (model_paths or {}).get(key) or resolve_model_path(ref, search)
+        if not Path(path).exists():
+            raise InputError(f"model {key!r}: path {path} does not exist (hub ids must be fetched first: `alloy run` downloads them)")
+        ckpts[key] = Checkpoint(path, allow_pickle=allow_pickle)
+    layers = {k: num_layers_of(c) for k, c in ckpts.items()}
+    models = refs
+    index = {str(r): i for i, r in enumerate(models)}
+    checkpoints = [ckpts[str(r)] for r in models]
+
+    base = config.base_model
+    uses_base = bool(spec and spec.base)
+    if spec and spec.base is True and base is None:
+        raise ConfigError(f"base_model: method {config.merge_method!r} needs a base_model")
+    slices = _normalised_slices(config, base, layers, uses_base)
+    compute = TORCH_DTYPES[dtype or config.dtype] if (dtype or config.dtype) else None
+    out_dtype_cfg = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
+    template = index[str(base)] if base is not None else index[str(slices[0].sources[0].model)]
+    _check_architectures(models, checkpoints)
+
+    tasks: list[TensorTask] = []
+    seen_out: set[str] = set()
+
+    def add(out_name: str, in_names: list[tuple[ModelRef, str]], params: _Params, t: float, slice_base: Optional[ModelRef]) -> None:
+        if out_name in seen_out:
+            raise ConfigError(f"slices: output tensor {out_name!r} would be written twice")
+        seen_out.add(out_name)
+        base_ref = slice_base if uses_base else None
+        entries = []
+        base_entry = None
+        for ref, name in in_names:
+            ck = ckpts[str(ref)]
+            if name not in ck:
+                raise InputError(f"tensor {name!r} is missing from model {ref} ({ck.path})")
+            if base_ref is not None and str(ref) == str(base_ref):
+                base_entry = (index[str(ref)], name)
+            else:
+                entries.append((ref, (index[str(ref)], name)))
+        if base_ref is not None and base_entry is None:
+            raise ConfigError(f"base_model {base_ref} is not among the sources of the slice producing {out_name!r}")
+        infos = [(ref, ckpts[str(ref)].info(n)) for ref, n in in_names]
+        shape0 = infos[0][1].shape
+        for ref, info in infos[1:]:
+            if info.shape != shape0:
+                hint = " (vocabulary sizes differ: set tokenizer_source)" if any(h in out_name for h in PRE_HINTS) or "lm_head" in out_name else ""
+                raise InputError(f"tensor {out_name!r}: shape {list(shape0)} in {infos[0][0]} but {list(info.shape)} in {ref}{hint}")
+        if spec is None:
+            if len(entries) != 1:
+                raise ConfigError(f"passthrough takes exactly one source per slice; {out_name!r} has {len(entries)}")
+            scale = params.get("scale", out_name, t, entries[0][0])
+            per_model = {"scale": [scale]}
+            glob: dict[str, Any] = {}
+        else:
+            if len(entries) < spec.min_models:
+                raise ConfigError(f"merge_method: {spec.name} needs at least {spec.min_models} model(s) besides the base; got {len(entries)}")
+            per_model = {}
+            for p, default in spec.per_model.items():
+                vals = []
+                for ref, (mi, name) in entries:
+                    v = params.get(p, name, t, ref)
+                    vals.append(default if v is None else v)
+                per_model[p] = vals
+            glob = {}
+            for p, default in spec.globals.items():
+                v = params.get(p, out_name, t, None)
+                glob[p] = default if v is None else v
+            for p, vals in per_model.items():
+                if any(v is None for v in vals) and spec.per_model[p] is None:
+                    missing = [str(ref) for (ref, _), v in zip(entries, vals) if v is None]
+                    raise ConfigError(f"parameters.{p}: required for model {missing[0]} (tensor {out_name!r})")
+        ref_info = ckpts[str(base_ref)].info(base_entry[1]) if base_entry else infos[0][1]
+        out_dtype = out_dtype_cfg or compute or ref_info.dtype
+        tasks.append(TensorTask(out_name, config.merge_method, [e for _, e in entries], base_entry, per_model,
+                                glob, out_dtype, tuple(shape0), compute))
+
+    # non-layer tensors of the template model, split into those before and after the layers
+    first, last = slices[0], slices[-1]
+    template_ck = checkpoints[template]
+    non_layer = [n for n in template_ck.tensors if _split(n) is None]
+    pre = [n for n in non_layer if any(h in n for h in PRE_HINTS)]
+    post = [n for n in non_layer if n not in pre]
+
+    def sources_for(sl: OutputSlice) -> list[ModelRef]:
+        return [s.model for s in sl.sources]
+
+    for n in pre:
+        add(n, [(m, n) for m in sources_for(first)], _Params(config, first), 0.0, first.base_model or base)
+
+    out_layer = 0
+    for si, sl in enumerate(slices):
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+        if len(lengths) != 1:
+            raise ConfigError(f"slices[{si}].sources: all sources of a slice must span the same number of layers")
+        for j, s in enumerate(sl.sources):
+            have = layers[str(s.model)]
+            if s.layer_range[1] > have:
+                raise ConfigError(f"slices[{si}].sources[{j}].layer_range: {list(s.layer_range)} goes beyond model {s.model}, which has {have} layers")
+        n_layers = lengths.pop()
+        params = _Params(config, sl)
+        ref0 = sl.sources[0]
+        ck0 = ckpts[str(ref0.model)]
+        for k in range(n_layers):
+            t = k / (n_layers - 1) if n_layers > 1 else 1.0
+            in_layer0 = ref0.layer_range[0] + k
+            suffixes = [(m.group(1), m.group(3)) for nm in ck0.tensors if (m := LAYER_RE.match(nm)) and int(m.group(2)) == in_layer0]
+            if not suffixes and layers[str(ref0.model)] > 0:
+                raise InputError(f"model {ref0.model} has no tensors for layer {in_layer0}")
+            for prefix, suffix in suffixes:
+                out_name = f"{prefix}.{out_layer}.{suffix}"
+                ins = [(s.model, f"{prefix}.{s.layer_range[0] + k}.{suffix}") for s in sl.sources]
+                add(out_name, ins, params, t, sl.base_model or base)
+            out_layer += 1
+
+    for n in post:
+        add(n, [(m, n) for m in sources_for(last)], _Params(config, last), 1.0, last.base_model or base)
+
+    total_layers = out_layer if any(_split(n) for n in template_ck.tensors) else None
+    return Plan(config, models, checkpoints, tasks, index[str(base)] if base is not None else None,
+                total_layers, template)
+
+
+def _check_architectures(models: list[ModelRef], ckpts: list[Checkpoint]) -> None:
+    archs = {}
+    for ref, ck in zip(models, ckpts):
+        a = ck.config.get("architectures") or [ck.config.get("model_type")]
+        archs[str(ref)] = a[0] if a else None
+    known = {k: v for k, v in archs.items() if v}
+    if len(set(known.values())) > 1:
+        (m1, a1), (m2, a2) = [(k, v) for k, v in known.items()][:1] + [
+            (k, v) for k, v in known.items() if v != next(iter(known.values()))][:1]
+        raise InputError(f"architectures differ: {m1} is {a1} but {m2} is {a2}")
