@@ -28,7 +28,7 @@ import torch
 from merging.config import MergeConfig, load_config
 from merging.errors import AlloyError, OutputError
 from merging.io import ShardFile, ShardLayout, encode_header, read_tensor
-from merging.methods import REGISTRY
+from merging.methods.registry import REGISTRY
 from merging.plan import Plan, TensorTask, build_plan
 
 JOURNAL = "alloy_journal.json"

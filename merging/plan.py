@@ -17,7 +17,8 @@ import torch
 from merging.config import InputSlice, MergeConfig, ModelRef, OutputSlice, evaluate
 from merging.errors import ConfigError, InputError
 from merging.io import Checkpoint
-from merging.methods import REGISTRY, MethodSpec
+import merging.methods  # noqa: F401  (importing the package registers every method)
+from merging.methods.registry import REGISTRY, MethodSpec
 
 LAYER_RE = re.compile(r"^(.*?\.(?:layers|h|blocks|layer))\.(\d+)\.(.+)$")
 PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings")
