@@ -198,7 +198,7 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: in
               progress: bool = True, model_paths: dict[str, Path] | None = None, allow_pickle: bool = False,
               extra_card: dict | None = None) -> MergeResult:
     """Merge to a Hugging Face checkpoint folder, atomically. See docs/design.md."""
-    from merging.output import finalize_output
+    from merging.output import check_tokenizer_policy, finalize_output
 
     t0 = time.perf_counter()
     search = []
@@ -212,6 +212,7 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: in
     if out_dir.exists() and not overwrite:
         raise OutputError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
     plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, allow_pickle=allow_pickle)
+    check_tokenizer_policy(plan)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = out_dir.parent / f".{out_dir.name}.alloy-lock"
@@ -261,7 +262,11 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
         shard_of = {n: i for i, s in enumerate(layout.shards) for n, _, _ in s}
         files: dict[int, ShardFile] = {}
 
+        slow = float(os.environ.get("ALLOY_TEST_SLOW_WRITE", "0"))  # lets tests kill a merge mid-way
+
         def write(task_name: str, tensor: torch.Tensor) -> None:
+            if slow:
+                time.sleep(slow)
             i = shard_of[task_name]
             if i not in files:
                 files[i] = ShardFile(tmp / layout.file_names[i], layout.shards[i], {"format": "pt"})

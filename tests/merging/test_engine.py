@@ -1,0 +1,202 @@
+"""The engine's contract: atomic output, resume, locks, clear errors before anything is written, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from merging.engine import run_merge
+from merging.errors import AlloyError, ConfigError, InputError, OutputError
+
+ROOT = Path(__file__).resolve().parents[2]
+ALLOY = [sys.executable, "-m", "alloy"]
+
+
+def write_cfg(tmp: Path, cfg: dict, name: str = "c.yml") -> Path:
+    p = tmp / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def passthrough(fam) -> dict:
+    return {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(fam["base"]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(fam["ft0"]), "layer_range": [1, 3]}]}]}
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_frankenmerge_renumbers_layers_and_updates_config(family_fp32, tmp_path):
+    res = run_merge(write_cfg(tmp_path, passthrough(family_fp32)), tmp_path / "out", progress=False)
+    sd = load_file(tmp_path / "out" / "model.safetensors")
+    ft0 = load_file(family_fp32["ft0"] / "model.safetensors")
+    base = load_file(family_fp32["base"] / "model.safetensors")
+    assert torch.equal(sd["model.layers.1.self_attn.q_proj.weight"], base["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(sd["model.layers.2.self_attn.q_proj.weight"], ft0["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(sd["model.layers.3.mlp.down_proj.weight"], ft0["model.layers.2.mlp.down_proj.weight"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 4
+    assert res.n_tensors == len(sd) == 4 * 9 + 3
+    manifest = json.loads((tmp_path / "out" / "alloy_manifest.json").read_text())
+    assert set(manifest["tensors"]) == set(sd)
+    assert {i["model"] for i in manifest["inputs"]} == {str(family_fp32["base"]), str(family_fp32["ft0"])}
+    assert "passthrough" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_sharded_output_has_index_and_loads_in_transformers(family_fp32, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = passthrough(family_fp32)
+    run_merge(write_cfg(tmp_path, cfg), tmp_path / "out", progress=False, shard_size=60_000)
+    shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) > 3
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 4
+
+
+def test_same_inputs_same_bytes(family_fp32, tmp_path):
+    cfg = write_cfg(tmp_path, passthrough(family_fp32))
+    run_merge(cfg, tmp_path / "a", progress=False, shard_size=100_000)
+    run_merge(cfg, tmp_path / "b", progress=False, shard_size=100_000)
+    for f in listing(tmp_path / "a"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_existing_output_is_refused_then_overwritten_on_request(family_fp32, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    cfg = write_cfg(tmp_path, passthrough(family_fp32))
+    with pytest.raises(OutputError, match="already exists"):
+        run_merge(cfg, out, progress=False)
+    assert (out / "precious.txt").read_text() == "mine"
+    run_merge(cfg, out, progress=False, overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").exists()
+    assert listing(tmp_path) == ["c.yml", "out"]  # no temporary folders or locks left behind
+
+
+@pytest.mark.parametrize("mutate, error, words", [
+    (lambda c, f: c.update(merge_method="tiess"), ConfigError, "did you mean 'ties'"),
+    (lambda c, f: c.update(slices=[{"sources": [{"model": str(f["base"]), "layer_range": [0, 9]}]}]), ConfigError,
+     "slices[0].sources[0].layer_range"),
+    (lambda c, f: c["slices"][0]["sources"][0].update(model=str(f["base"]) + "-missing"), InputError, "does not exist"),
+    (lambda c, f: c.update(parameters={"densty": 0.5}), ConfigError, "parameters.densty"),
+    (lambda c, f: c.update(modelz=[]), ConfigError, "unknown key 'modelz'"),
+    (lambda c, f: c.update(tokenizer_source="union"), ConfigError, "union"),
+])
+def test_bad_configs_fail_before_writing(family_fp32, tmp_path, mutate, error, words):
+    cfg = passthrough(family_fp32)
+    mutate(cfg, family_fp32)
+    with pytest.raises(error) as info:
+        run_merge(write_cfg(tmp_path, cfg), tmp_path / "out", progress=False)
+    assert words in str(info.value)
+    assert "\n" not in str(info.value)
+    assert listing(tmp_path) == ["c.yml"]
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    p = tmp_path / "bad.yml"
+    p.write_text("merge_method: linear\nmodels:\n  - model: a\n   parameters: {weight: 1}\n")
+    with pytest.raises(ConfigError, match=r"bad.yml: line \d+"):
+        run_merge(p, tmp_path / "out", progress=False)
+
+
+def test_mismatched_shapes_name_tensor_and_models(family_fp32, tmp_path):
+    from family import make_family
+
+    other = make_family(tmp_path / "other", n_finetunes=0, hidden=32)
+    cfg = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(family_fp32["base"]), "layer_range": [0, 1]}]}]}
+    cfg["slices"][0]["sources"].append({"model": str(other["base"]), "layer_range": [0, 1]})
+    cfg["merge_method"] = "passthrough"
+    with pytest.raises(AlloyError) as info:
+        run_merge(write_cfg(tmp_path, cfg), tmp_path / "out", progress=False)
+    assert "model.embed_tokens.weight" in str(info.value)
+
+
+def test_truncated_input_is_named(family_fp32, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(family_fp32["ft0"], broken)
+    f = broken / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    cfg = passthrough(family_fp32)
+    cfg["slices"][1]["sources"][0]["model"] = str(broken)
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        run_merge(write_cfg(tmp_path, cfg), tmp_path / "out", progress=False)
+
+
+def test_cli_one_line_error_and_exit_code(family_fp32, tmp_path):
+    cfg = passthrough(family_fp32)
+    cfg["merge_method"] = "linera"
+    p = write_cfg(tmp_path, cfg)
+    r = subprocess.run(ALLOY + ["merge", str(p), str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "merge_method" in r.stderr and "linear" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_summary_line(family_fp32, tmp_path):
+    p = write_cfg(tmp_path, passthrough(family_fp32))
+    r = subprocess.run(ALLOY + ["merge", str(p), str(tmp_path / "out"), "--shard-size", "50KB"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "merged 39 tensors" in r.stdout and "GB/s" in r.stdout and "peak RSS" in r.stdout
+
+
+def test_kill_then_resume_is_byte_identical(family_fp32, tmp_path):
+    """kill -9 mid-merge leaves OUT_DIR absent; --resume reuses verified shards and ends byte-identical."""
+    cfg = write_cfg(tmp_path, passthrough(family_fp32))
+    run_merge(cfg, tmp_path / "ref", progress=False, shard_size=20_000)
+    env = dict(os.environ, ALLOY_TEST_SLOW_WRITE="0.05")
+    proc = subprocess.Popen(ALLOY + ["merge", str(cfg), str(tmp_path / "out"), "--shard-size", "20KB"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    partial = tmp_path / ".out.alloy-partial"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        done = json.loads((partial / "alloy_journal.json").read_text())["shards"] if (partial / "alloy_journal.json").exists() else {}
+        if len(done) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists()
+    finished = json.loads((partial / "alloy_journal.json").read_text())["shards"]
+    assert 2 <= len(finished) < len(list((tmp_path / "ref").glob("model-*.safetensors")))
+    r = subprocess.run(ALLOY + ["merge", str(cfg), str(tmp_path / "out"), "--shard-size", "20KB", "--resume"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for f in listing(tmp_path / "ref"):
+        assert (tmp_path / "ref" / f).read_bytes() == (tmp_path / "out" / f).read_bytes(), f
+    assert not partial.exists()
+
+
+def test_second_concurrent_merge_is_locked_out(family_fp32, tmp_path):
+    cfg = write_cfg(tmp_path, passthrough(family_fp32))
+    env = dict(os.environ, ALLOY_TEST_SLOW_WRITE="0.3")
+    proc = subprocess.Popen(ALLOY + ["merge", str(cfg), str(tmp_path / "out"), "--shard-size", "20KB"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lock = tmp_path / ".out.alloy-lock"
+    deadline = time.time() + 60
+    while not (tmp_path / ".out.alloy-partial").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    r = subprocess.run(ALLOY + ["merge", str(cfg), str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    proc.wait()
+    assert r.returncode == 2 and "another merge is writing" in r.stderr
+    assert proc.returncode == 0 and (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert not lock.exists()

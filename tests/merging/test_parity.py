@@ -1,0 +1,106 @@
+"""alloy against mergekit 0.1.5 on the same YAML: same tensor names, shapes, dtypes; values to 1e-5 (fp32) / 1 ulp (bf16)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from merging.engine import run_merge
+
+
+def load_dir(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def run_mergekit(cfg: dict, out: Path, seed: int | None = None) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mk_run_merge
+    from mergekit.options import MergeOptions
+
+    mk_run_merge(MergeConfiguration.model_validate(cfg), str(out),
+                 options=MergeOptions(copy_tokenizer=False, write_model_card=False, random_seed=seed, quiet=True))
+
+
+def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
+    ia = a.contiguous().view(torch.int16).to(torch.int32)
+    ib = b.contiguous().view(torch.int16).to(torch.int32)
+    # map sign-magnitude to a monotone integer line so neighbours differ by 1
+    ia = torch.where(ia < 0, -32768 - ia, ia)
+    ib = torch.where(ib < 0, -32768 - ib, ib)
+    return int((ia - ib).abs().max()) if ia.numel() else 0
+
+
+def assert_same(ours: dict, theirs: dict, dtype: torch.dtype) -> None:
+    assert set(ours) == set(theirs), set(ours) ^ set(theirs)
+    for name in theirs:
+        a, b = ours[name], theirs[name]
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+        if dtype == torch.bfloat16 or a.dtype == torch.bfloat16:
+            assert ulp_diff(a, b) <= 1, (name, ulp_diff(a, b))
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def configs(fam: dict[str, Path]) -> dict[str, dict]:
+    b, f0, f1, f2 = (str(fam[k]) for k in ("base", "ft0", "ft1", "ft2"))
+    return {
+        "linear": {"merge_method": "linear", "models": [
+            {"model": f0, "parameters": {"weight": 0.5}}, {"model": f1, "parameters": {"weight": 0.3}},
+            {"model": f2, "parameters": {"weight": 0.2}}]},
+        "linear_unnormalized_filters": {"merge_method": "linear", "parameters": {"normalize": False}, "models": [
+            {"model": f0, "parameters": {"weight": [{"filter": "mlp", "value": 0.8}, {"value": 0.4}]}},
+            {"model": f1, "parameters": {"weight": 0.6}}]},
+        "slerp_gradient": {"merge_method": "slerp", "base_model": b, "slices": [{"sources": [
+            {"model": b, "layer_range": [0, 3]}, {"model": f0, "layer_range": [0, 3]}]}],
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": b, "parameters": {"lambda": 0.8},
+                            "models": [{"model": f0, "parameters": {"weight": 1.0}},
+                                       {"model": f1, "parameters": {"weight": [0.2, 1.0]}},
+                                       {"model": f2, "parameters": {"weight": 0.5}}]},
+        "ties": {"merge_method": "ties", "base_model": b, "models": [
+            {"model": f0, "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": f1, "parameters": {"weight": 0.7, "density": [0.3, 0.9]}},
+            {"model": f2, "parameters": {"weight": 0.5, "density": 0.7}}]},
+        "ties_unnormalized": {"merge_method": "ties", "base_model": b, "parameters": {"normalize": False, "density": 0.6},
+                              "models": [{"model": f0, "parameters": {"weight": 0.6}},
+                                         {"model": f1, "parameters": {"weight": 0.4}}]},
+        "passthrough": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": b, "layer_range": [0, 2]}]},
+            {"sources": [{"model": f1, "layer_range": [1, 3]}]}]},
+    }
+
+
+CASES = ["linear", "linear_unnormalized_filters", "slerp_gradient", "task_arithmetic", "ties", "ties_unnormalized",
+         "passthrough"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_parity_with_mergekit(case, precision, family_fp32, family_bf16, tmp_path):
+    fam = family_fp32 if precision == "fp32" else family_bf16
+    cfg = configs(fam)[case]
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    run_merge(tmp_path / "c.yml", tmp_path / "alloy", progress=False)
+    run_mergekit(cfg, tmp_path / "mk")
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    assert_same(load_dir(tmp_path / "alloy"), load_dir(tmp_path / "mk"), dtype)
+    ours = json.loads((tmp_path / "alloy" / "config.json").read_text())
+    theirs = json.loads((tmp_path / "mk" / "config.json").read_text())
+    assert ours["num_hidden_layers"] == theirs["num_hidden_layers"]
+
+
+def test_out_dtype_and_dtype_keys(family_fp32, tmp_path):
+    cfg = configs(family_fp32)["task_arithmetic"] | {"dtype": "float32", "out_dtype": "bfloat16"}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    run_merge(tmp_path / "c.yml", tmp_path / "alloy", progress=False)
+    run_mergekit(cfg, tmp_path / "mk")
+    assert_same(load_dir(tmp_path / "alloy"), load_dir(tmp_path / "mk"), torch.bfloat16)
