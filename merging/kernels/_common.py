@@ -1,0 +1,108 @@
+"""What every kernel wrapper shares: input checks, the launch grid, bf16 stores, the seed and the Philox stream.
+
+The Triton helpers here are @triton.jit functions called from the kernels; they use only Triton builtins (no
+`tl.rand`, no `tl.cdiv`), so the kernels also run under TRITON_INTERPRET=1 when triton itself was imported before
+that variable was set — only this package has to be imported after it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from merging.errors import AlloyError
+from merging.kernels._host import SUPPORTED
+
+# One program handles BLOCK elements of every input. 1024 elements x 4 warps = 8 per thread: 16-byte bf16 loads.
+BLOCK = 1024
+NUM_WARPS = 4
+# The interpreter pays per program, not per element: bigger blocks make the CPU tests faster. Results never depend
+# on the block (the RNG is keyed by element index, reductions are summed in float64).
+INTERPRET_BLOCK = 4096
+
+
+def interpreted(kernel) -> bool:
+    """True when `kernel` was built by the Triton interpreter (TRITON_INTERPRET=1 when this package was imported)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_inputs(what: str, tensors: list[torch.Tensor], base: torch.Tensor | None, kernel) -> torch.dtype:
+    """Raise AlloyError unless all tensors share shape, dtype and device and the kernel can run there."""
+    allt = list(tensors) + ([base] if base is not None else [])
+    if not allt:
+        raise AlloyError(f"kernel {what}: no input tensors")
+    ref = allt[0]
+    for t in allt[1:]:
+        if t.shape != ref.shape:
+            raise AlloyError(f"kernel {what}: input shapes differ ({tuple(ref.shape)} vs {tuple(t.shape)})")
+        if t.dtype != ref.dtype:
+            raise AlloyError(f"kernel {what}: input dtypes differ ({ref.dtype} vs {t.dtype})")
+        if t.device != ref.device:
+            raise AlloyError(f"kernel {what}: inputs on different devices ({ref.device} vs {t.device})")
+    if ref.dtype not in SUPPORTED:
+        raise AlloyError(f"kernel {what}: dtype {ref.dtype} not supported (float32, bfloat16, float16)")
+    if ref.device.type != "cuda" and not interpreted(kernel):
+        raise AlloyError(f"kernel {what}: tensors are on {ref.device}; the Triton kernels need CUDA tensors "
+                         f"(or TRITON_INTERPRET=1 set before merging.kernels is imported)")
+    return ref.dtype
+
+
+def block_for(kernel) -> int:
+    return INTERPRET_BLOCK if interpreted(kernel) else BLOCK
+
+
+def grid(n: int, block: int) -> tuple[int]:
+    return (max(1, triton.cdiv(n, block)),)
+
+
+def out_buffer(like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The kernel's output buffer and whether the kernel rounds to bf16 itself.
+
+    float16 goes through a float32 buffer and torch's cast: the interpreter truncates narrowing stores, and
+    rounding fp16 by hand (subnormals included) is not worth it for a dtype checkpoints rarely use.
+    """
+    if like.dtype == torch.float16:
+        return torch.empty(like.shape, dtype=torch.float32, device=like.device), False
+    return torch.empty_like(like, memory_format=torch.contiguous_format), like.dtype == torch.bfloat16
+
+
+@triton.jit
+def store_rounded(ptr, offs, x, mask, ROUND_BF16: tl.constexpr):
+    """Store float32 `x`; into a bf16 buffer with round-to-nearest-even done on the bits.
+
+    The interpreter truncates float32 -> bf16 stores while GPU Triton and torch round to nearest even; doing it on
+    the bits gives the same bytes on both.
+    """
+    if ROUND_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        r = tl.where(x != x, 0x7FC0, r)  # keep NaN a NaN (the carry could turn it into an infinity)
+        tl.store(ptr + offs, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def philox_word(seed, offs, stream):
+    """First 32-bit word of Philox4x32-10 at counter (offs low, offs high, stream, 0) under key `seed` (int64 >= 0).
+
+    Counter-based: the word depends on (seed, element offset, model index) only, never on the block or the order
+    programs run in. For stream 0 this is the word `tl.randint(seed, offs)` returns for int64 offsets.
+    """
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = (offs & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((offs >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = c0 * 0 + stream
+    c3 = c0 * 0
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.math.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.math.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+        c1 = tl.mul(a2, 0xCD9E8D57, sanitize_overflow=False)
+        c3 = tl.mul(a0, 0xD2511F53, sanitize_overflow=False)
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0
