@@ -1,0 +1,159 @@
+"""alloy vs mergekit on a medium synthetic Llama family, side by side in one run.
+
+    .venv/bin/python benchmarks/bench_merge.py [--root /tmp/alloy-bench] [--methods linear,ties] [--out benchmarks/RESULTS.md]
+
+Family (generated once, reused): hidden 2048, intermediate 5632, 10 layers, vocab 32000, bf16, 1 GB shards — about
+1.3 GB per model; a base and two fine-tunes. Each merge runs as its own process under /usr/bin/time -v with the page
+cache warm (inputs are read once before timing); wall seconds and peak RSS are taken from it. The floor is the time to
+read every input once plus write one output of the same size with fsync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "merging"))
+
+METHODS = {
+    "linear": lambda f: {"merge_method": "linear", "dtype": "bfloat16", "models": [
+        {"model": f["ft0"], "parameters": {"weight": 0.5}}, {"model": f["ft1"], "parameters": {"weight": 0.5}}]},
+    "slerp": lambda f: {"merge_method": "slerp", "base_model": f["base"], "dtype": "bfloat16", "parameters": {"t": 0.4},
+                        "slices": [{"sources": [{"model": f["base"], "layer_range": [0, 10]},
+                                                {"model": f["ft0"], "layer_range": [0, 10]}]}]},
+    "task_arithmetic": lambda f: {"merge_method": "task_arithmetic", "base_model": f["base"], "dtype": "bfloat16",
+                                  "parameters": {"lambda": 0.8}, "models": [
+                                      {"model": f["ft0"], "parameters": {"weight": 1.0}},
+                                      {"model": f["ft1"], "parameters": {"weight": 1.0}}]},
+    "ties": lambda f: {"merge_method": "ties", "base_model": f["base"], "dtype": "bfloat16", "models": [
+        {"model": f["ft0"], "parameters": {"weight": 1.0, "density": 0.5}},
+        {"model": f["ft1"], "parameters": {"weight": 1.0, "density": 0.5}}]},
+    "dare_ties": lambda f: {"merge_method": "dare_ties", "base_model": f["base"], "dtype": "bfloat16", "models": [
+        {"model": f["ft0"], "parameters": {"weight": 1.0, "density": 0.5}},
+        {"model": f["ft1"], "parameters": {"weight": 1.0, "density": 0.5}}]},
+}
+
+
+def make_medium_family(root: Path) -> dict[str, str]:
+    from family import llama_shapes, write_model
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+           "intermediate_size": 5632, "num_hidden_layers": 10, "num_attention_heads": 16, "num_key_value_heads": 16,
+           "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+           "hidden_act": "silu", "rope_theta": 10000.0, "torch_dtype": "bfloat16"}
+    paths = {k: root / k for k in ("base", "ft0", "ft1")}
+    if all((p / "config.json").exists() for p in paths.values()):
+        return {k: str(v) for k, v in paths.items()}
+    g = torch.Generator().manual_seed(0)
+    shapes = llama_shapes(cfg)
+    base = {n: (0.02 * torch.randn(s, generator=g)).to(torch.bfloat16) for n, s in shapes.items()}
+    shards = 2  # ~1.3 GB at 1 GB shards
+    write_model(paths["base"], base, cfg, shards)
+    for i, k in enumerate(("ft0", "ft1")):
+        ft = {n: (t.float() + 0.002 * torch.randn(t.shape, generator=g)).to(torch.bfloat16) for n, t in base.items()}
+        write_model(paths[k], ft, cfg, shards)
+        del ft
+    return {k: str(v) for k, v in paths.items()}
+
+
+def warm(paths: list[str]) -> float:
+    t = time.perf_counter()
+    for p in paths:
+        for f in Path(p).glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 26):
+                    pass
+    return time.perf_counter() - t
+
+
+def floor_seconds(paths: list[str], out_bytes: int, scratch: Path) -> float:
+    read = warm(paths)
+    buf = os.urandom(1 << 24)
+    t = time.perf_counter()
+    with open(scratch, "wb") as f:
+        left = out_bytes
+        while left > 0:
+            f.write(buf[: min(left, len(buf))])
+            left -= len(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    write = time.perf_counter() - t
+    scratch.unlink()
+    return read + write
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    r = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (.+)", r.stderr).group(1)
+    parts = [float(x) for x in wall.split(":")]
+    secs = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
+    return secs, rss_kb * 1024 / 1e9, r.stdout
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="/tmp/alloy-bench")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--skip-mergekit", action="store_true")
+    args = ap.parse_args()
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    fam = make_medium_family(root / "family")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    bin_dir = Path(sys.executable).parent
+    rows = []
+    for name in args.methods.split(","):
+        cfg = METHODS[name](fam)
+        cfg_path = root / f"{name}.yml"
+        import yaml
+
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        inputs = sorted({m["model"] for m in cfg.get("models", [])} | {s["model"] for sl in cfg.get("slices", []) for s in sl["sources"]} | ({cfg["base_model"]} if "base_model" in cfg else set()))
+        out_a, out_m = root / f"out-alloy-{name}", root / f"out-mk-{name}"
+        for o in (out_a, out_m):
+            shutil.rmtree(o, ignore_errors=True)
+        warm(inputs)
+        a_s, a_rss, summary = timed([str(bin_dir / "alloy"), "merge", str(cfg_path), str(out_a), "--shard-size", "1GB"], env)
+        out_bytes = sum(f.stat().st_size for f in out_a.glob("*.safetensors"))
+        floor = floor_seconds(inputs, out_bytes, root / "floor.bin")
+        if args.skip_mergekit:
+            m_s, m_rss = float("nan"), float("nan")
+        else:
+            warm(inputs)
+            m_s, m_rss, _ = timed([str(bin_dir / "mergekit-yaml"), str(cfg_path), str(out_m), "--out-shard-size", "1B",
+                                   "--random-seed", "0", "--no-copy-tokenizer", "--quiet"], env)
+        rows.append((name, a_s, a_rss, m_s, m_rss, floor))
+        print(f"{name}: alloy {a_s:.1f} s {a_rss:.2f} GB | mergekit {m_s:.1f} s {m_rss:.2f} GB | floor {floor:.1f} s | {summary.strip()}", flush=True)
+        for o in (out_a, out_m):
+            shutil.rmtree(o, ignore_errors=True)
+    lines = [
+        "# Benchmark: alloy vs mergekit 0.1.5", "",
+        f"Machine: {os.cpu_count()} cores; torch {torch.__version__}; family: Llama hidden 2048, intermediate 5632, "
+        "10 layers, vocab 32000, bf16, ~1.3 GB per model, 1 GB shards; page cache warm; `/usr/bin/time -v` per run.", "",
+        "| method | alloy s | alloy peak RSS GB | mergekit s | mergekit peak RSS GB | speed-up (mergekit/alloy) | floor s | alloy/floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a_s, a_rss, m_s, m_rss, floor in rows:
+        lines.append(f"| {name} | {a_s:.1f} | {a_rss:.2f} | {m_s:.1f} | {m_rss:.2f} | {m_s / a_s:.1f}x | {floor:.1f} | {a_s / floor:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
