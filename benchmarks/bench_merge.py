@@ -134,7 +134,7 @@ def main() -> int:
             m_s, m_rss = float("nan"), float("nan")
         else:
             warm(inputs)
-            m_s, m_rss, _ = timed([str(bin_dir / "mergekit-yaml"), str(cfg_path), str(out_m), "--out-shard-size", "1B",
+            m_s, m_rss, _ = timed([str(bin_dir / "mergekit-yaml"), str(cfg_path), str(out_m), "--out-shard-size", "500M",
                                    "--random-seed", "0", "--no-copy-tokenizer", "--quiet"], env)
         rows.append((name, a_s, a_rss, m_s, m_rss, floor))
         print(f"{name}: alloy {a_s:.1f} s {a_rss:.2f} GB | mergekit {m_s:.1f} s {m_rss:.2f} GB | floor {floor:.1f} s | {summary.strip()}", flush=True)
