@@ -16,6 +16,7 @@ import torch
 
 from merging.config import InputSlice, MergeConfig, ModelRef, OutputSlice, evaluate
 from merging.errors import ConfigError, InputError
+from merging.hub import looks_like_hub_id
 from merging.io import Checkpoint
 import merging.methods  # noqa: F401  (importing the package registers every method)
 from merging.methods.registry import REGISTRY, MethodSpec
@@ -163,8 +164,12 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     for ref in refs:
         key = str(ref)
         path = (model_paths or {}).get(key) or resolve_model_path(ref, search)
+        if not Path(path).exists() and looks_like_hub_id(ref.path):
+            from merging.hub import fetch
+
+            path, _ = fetch(ref.path, ref.revision)
         if not Path(path).exists():
-            raise InputError(f"model {key!r}: path {path} does not exist (hub ids must be fetched first: `alloy run` downloads them)")
+            raise InputError(f"model {key!r}: path {path} does not exist")
         ckpts[key] = Checkpoint(path, allow_pickle=allow_pickle)
     layers = {k: num_layers_of(c) for k, c in ckpts.items()}
     models = refs

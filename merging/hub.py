@@ -1,0 +1,32 @@
+"""Hugging Face hub ids as merge inputs: fetched (or found in the local cache when offline) at a pinned revision."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from merging.errors import InputError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "README.md"]
+
+
+def looks_like_hub_id(text: str) -> bool:
+    return bool(HUB_ID.match(text)) and not Path(text).exists()
+
+
+def fetch(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> tuple[Path, str]:
+    """Local snapshot folder and the commit it resolved to; offline, only what the cache holds."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS, cache_dir=cache_dir))
+    except LocalEntryNotFoundError:
+        raise InputError(f"model {repo_id}{'@' + revision if revision else ''}: not in the local Hugging Face cache and "
+                         "the hub cannot be reached (offline?)") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise InputError(f"model {repo_id}: {type(e).__name__.replace('Error', '').lower()} on the hub ({revision or 'main'})") from None
+    except OSError as e:
+        raise InputError(f"model {repo_id}: download failed ({e})") from None
+    return path, path.name  # snapshot folders are named by commit hash
