@@ -280,7 +280,8 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
             out_layer += 1
 
     for n in post:
-        add(n, [(m, n) for m in sources_for(last)], _Params(config, last), 1.0, last.base_model or base)
+        # mergekit 0.1.5 evaluates gradients at t=0 for every non-layer tensor, the final norm and lm_head too
+        add(n, [(m, n) for m in sources_for(last)], _Params(config, last), 0.0, last.base_model or base)
 
     total_layers = out_layer if any(_split(n) for n in template_ck.tensors) else None
     return Plan(config, models, checkpoints, tasks, index[str(base)] if base is not None else None,
