@@ -105,8 +105,8 @@ def _call(spec, fn: Callable, xs, b, task: TensorTask, gen) -> torch.Tensor:
 
 
 def _load(plan: Plan, task: TensorTask) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    xs = [read_tensor(plan.checkpoints[m].info(n)) for m, n in task.inputs]
-    b = read_tensor(plan.checkpoints[task.base[0]].info(task.base[1])) if task.base else None
+    xs = [plan.checkpoints[m].read(n) for m, n in task.inputs]
+    b = plan.checkpoints[task.base[0]].read(task.base[1]) if task.base else None
     return xs, b
 
 

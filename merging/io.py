@@ -125,8 +125,13 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.exists():
             raise InputError(f"model path {self.path} does not exist")
+        self.allow_pickle = allow_pickle
+        self._pickled: dict[str, torch.Tensor] = {}
         files = self._weight_files(allow_pickle)
         self.tensors: dict[str, TensorInfo] = {}
+        if files and files[0].suffix in (".bin", ".pt"):
+            self._load_pickles(files)
+            return
         for file in files:
             infos, _ = read_header(file)
             for name, info in infos.items():
@@ -164,9 +169,24 @@ class Checkpoint:
             return single
         pickles = sorted(p.glob("*.bin")) + sorted(p.glob("*.pt"))
         if pickles:
-            hint = "" if allow_pickle else " (pickle checkpoints are refused; convert to safetensors)"
-            raise InputError(f"{p}: has no safetensors weights, only {pickles[0].name}{hint}")
+            if allow_pickle:
+                return pickles
+            raise InputError(f"{p}: has no safetensors weights, only {pickles[0].name} (pickle checkpoints can run "
+                             "code and are refused; pass --allow-pickle to load them with weights_only=True)")
         raise InputError(f"{p}: has no safetensors weights")
+
+    def _load_pickles(self, files: list[Path]) -> None:
+        """Pickle checkpoints, only when asked: torch's weights_only unpickler refuses anything but tensors."""
+        for f in files:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
+                raise InputError(f"{f}: refused by the weights-only unpickler ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise InputError(f"{f}: not a state dict of tensors")
+            for name, t in sd.items():
+                self._pickled[name] = t
+                self.tensors[name] = TensorInfo(name, f, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -178,6 +198,8 @@ class Checkpoint:
             raise InputError(f"{self.path}: tensor {name!r} is missing") from None
 
     def read(self, name: str) -> torch.Tensor:
+        if name in self._pickled:
+            return self._pickled[name].contiguous().clone()
         return read_tensor(self.info(name))
 
     def files(self) -> list[Path]:

@@ -200,3 +200,45 @@ def test_second_concurrent_merge_is_locked_out(family_fp32, tmp_path):
     assert r.returncode == 2 and "another merge is writing" in r.stderr
     assert proc.returncode == 0 and (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert not lock.exists()
+
+
+def _pickled_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    dst.mkdir()
+    shutil.copyfile(src / "config.json", dst / "config.json")
+    torch.save(load_file(src / "model.safetensors"), dst / "pytorch_model.bin")
+    return dst
+
+
+def test_pickle_refused_by_default_and_loaded_weights_only_on_request(family_fp32, tmp_path):
+    pk = _pickled_copy(family_fp32["ft0"], tmp_path / "pickled")
+    cfg = passthrough(family_fp32)
+    cfg["slices"][1]["sources"][0]["model"] = str(pk)
+    p = write_cfg(tmp_path, cfg)
+    with pytest.raises(InputError, match="pytorch_model.bin.*--allow-pickle"):
+        run_merge(p, tmp_path / "out", progress=False)
+    run_merge(p, tmp_path / "out", progress=False, allow_pickle=True)
+    ref = tmp_path / "ref"
+    run_merge(write_cfg(tmp_path, passthrough(family_fp32), "r.yml"), ref, progress=False)
+    a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_malicious_pickle_is_refused_even_with_allow_pickle(family_fp32, tmp_path):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    d = tmp_path / "evil"
+    d.mkdir()
+    (d / "config.json").write_text((family_fp32["ft0"] / "config.json").read_text())
+    with open(d / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": Boom()}, f)
+    cfg = passthrough(family_fp32)
+    cfg["slices"][1]["sources"][0]["model"] = str(d)
+    with pytest.raises(InputError, match="weights-only"):
+        run_merge(write_cfg(tmp_path, cfg), tmp_path / "out", progress=False, allow_pickle=True)
+    assert not (tmp_path / "pwned").exists()
