@@ -1,4 +1,4 @@
-"""What every kernel wrapper shares: input checks, the launch grid, bf16 stores, the seed and the Philox stream.
+"""What every kernel shares: input checks, the launch grid, rounding to bf16/fp16, the Philox stream.
 
 The Triton helpers here are @triton.jit functions called from the kernels; they use only Triton builtins (no
 `tl.rand`, no `tl.cdiv`), so the kernels also run under TRITON_INTERPRET=1 when triton itself was imported before
@@ -56,31 +56,31 @@ def grid(n: int, block: int) -> tuple[int]:
     return (max(1, triton.cdiv(n, block)),)
 
 
-def out_buffer(like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The kernel's output buffer and whether the kernel rounds to bf16 itself.
-
-    float16 goes through a float32 buffer and torch's cast: the interpreter truncates narrowing stores, and
-    rounding fp16 by hand (subnormals included) is not worth it for a dtype checkpoints rarely use.
-    """
-    if like.dtype == torch.float16:
-        return torch.empty(like.shape, dtype=torch.float32, device=like.device), False
-    return torch.empty_like(like, memory_format=torch.contiguous_format), like.dtype == torch.bfloat16
-
-
 @triton.jit
-def store_rounded(ptr, offs, x, mask, ROUND_BF16: tl.constexpr):
-    """Store float32 `x`; into a bf16 buffer with round-to-nearest-even done on the bits.
+def round_to(x, ROUND: tl.constexpr):
+    """float32 `x` rounded to nearest even in bf16 (ROUND=1) or fp16 (ROUND=2), returned as float32; ROUND=0: x.
 
-    The interpreter truncates float32 -> bf16 stores while GPU Triton and torch round to nearest even; doing it on
-    the bits gives the same bytes on both.
+    Done on the bits, so the interpreter (which truncates narrowing casts) and GPUs give the same values, and a
+    later cast to the narrow dtype is exact.
     """
-    if ROUND_BF16:
+    if ROUND == 1:
         bits = x.to(tl.uint32, bitcast=True)
-        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        r = tl.where(x != x, 0x7FC0, r)  # keep NaN a NaN (the carry could turn it into an infinity)
-        tl.store(ptr + offs, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        y = tl.where(x != x, x, r)  # a NaN stays NaN (the carry could make it an infinity)
+    elif ROUND == 2:
+        bits = x.to(tl.uint32, bitcast=True)
+        r = ((bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        inf = ((bits & 0x80000000) | 0x7F800000).to(tl.float32, bitcast=True)
+        r = tl.where(tl.abs(r) >= 65536.0, inf, r)  # past the largest half, 65504
+        a = tl.abs(x)
+        # below 2**-14 halves are subnormal, multiples of 2**-24: the ulp of 0.75 in float32, so the addition rounds
+        sub = (a + 0.75) - 0.75
+        sub = tl.where(x < 0, -sub, sub)
+        y = tl.where(a < 6.103515625e-05, sub, r)
+        y = tl.where(x != x, x, y)
     else:
-        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+        y = x
+    return y
 
 
 @triton.jit

@@ -7,6 +7,7 @@ import torch
 from merging.errors import AlloyError
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+_ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # Philox4x32-10 constants (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3").
 PHILOX_ROUND_A = 0xD2511F53
@@ -42,3 +43,28 @@ def per_model(name: str, value, n: int) -> list[float]:
     if len(values) != n:
         raise AlloyError(f"kernel parameter {name!r}: {len(values)} values for {n} models")
     return values
+
+
+def round_code(dtype: torch.dtype) -> int:
+    """The kernels' code for rounding float32 to `dtype` (0: none)."""
+    return _ROUND_CODES[dtype]
+
+
+def work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype DARE draws and rescales in (merging.primitives, after mergekit): torch.bernoulli has no fp16 CPU
+    kernel, so fp16 on the CPU works in float32; everything else in its own dtype."""
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        return tensor.dtype
+    return torch.float32
+
+
+RESCALE_EPS = 1e-7  # below this L1 norm (before or after pruning) the pruned delta is left unscaled, as mergekit does
+
+
+def rescale_factor(before: float, after: float, dtype: torch.dtype) -> float:
+    """mergekit's L1 rescale factor from the two norms, held and divided in `dtype` as the torch method does."""
+    bt = torch.tensor(before, dtype=torch.float64).to(dtype)
+    at = torch.tensor(after, dtype=torch.float64).to(dtype)
+    if bt < RESCALE_EPS or at < RESCALE_EPS:
+        return 1.0
+    return float((bt / at).float())

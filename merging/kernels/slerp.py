@@ -66,4 +66,5 @@ def slerp_merge(base: torch.Tensor, other: torch.Tensor, t: float, *, block: int
     """Spherical interpolation from `base` (t=0) to `other` (t=1)."""
     check_inputs("slerp", [other], base, _dot_norm_kernel)
     ca, cb = slerp_coefficients(*dot_norms(base, other, block=block), float(t))
-    return gta_merge([base, other], None, weights=[ca, cb], sparsify=SPARSE_NONE, what="slerp", block=block)
+    return gta_merge([base, other], None, weights=[ca, cb], sparsify=SPARSE_NONE, stepwise=False, what="slerp",
+                     block=block)
