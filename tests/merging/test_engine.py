@@ -242,3 +242,23 @@ def test_malicious_pickle_is_refused_even_with_allow_pickle(family_fp32, tmp_pat
     with pytest.raises(InputError, match="weights-only"):
         run_merge(write_cfg(tmp_path, cfg), tmp_path / "out", progress=False, allow_pickle=True)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_disk_full_is_a_clean_error_and_leaves_nothing(family_fp32, tmp_path, monkeypatch):
+    import errno
+
+    from merging import io as alloy_io
+
+    calls = {"n": 0}
+    real = alloy_io.ShardFile.write
+
+    def fill_up(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(alloy_io.ShardFile, "write", fill_up)
+    with pytest.raises(OutputError, match="No space left on device"):
+        run_merge(write_cfg(tmp_path, passthrough(family_fp32)), tmp_path / "out", progress=False)
+    assert listing(tmp_path) == ["c.yml"]
