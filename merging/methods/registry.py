@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 
+from merging.errors import ConfigError
+
 
 class PerModel(float):
     """Annotation marker: the parameter takes one value per input model (arrives as list[float])."""
@@ -23,7 +25,9 @@ class MethodSpec:
     per_model: dict[str, Any] = field(default_factory=dict)  # yaml name -> default
     globals: dict[str, Any] = field(default_factory=dict)  # yaml name -> default
     seeded: bool = False
-    min_models: int = 1
+    min_models: int = 1  # non-base tensors (all tensors when base is False)
+    max_models: int | None = None
+    required: frozenset[str] = frozenset()  # yaml names declared without a default
 
     @property
     def parameters(self) -> set[str]:
@@ -31,12 +35,60 @@ class MethodSpec:
 
     def call(self, tensors: list[torch.Tensor], base: torch.Tensor | None, per_model: dict[str, list],
              global_params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-        kwargs = {_py_name(k): v for k, v in {**global_params, **per_model}.items()}
+        """Check counts and parameters, broadcast scalar per-model values, then run the function.
+
+        Raises ConfigError (one line naming the method and the parameter) for what a config can get wrong.
+        """
+        self.check_models(len(tensors), base is not None)
+        values = {**global_params, **per_model}
+        unknown = set(values) - self.parameters
+        if unknown:
+            raise ConfigError(f"merge method {self.name!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
+        missing = [k for k in sorted(self.required) if values.get(k) is None]
+        if missing:
+            raise ConfigError(f"merge method {self.name!r} needs parameter {missing[0]!r}")
+        kwargs: dict[str, Any] = {}
+        for key, default in self.per_model.items():
+            if key not in values and default is not None:
+                values[key] = default
+        for key, value in values.items():
+            if key in self.per_model and value is not None:
+                value = _per_model_list(self.name, key, value, len(tensors))
+            kwargs[_py_name(key)] = value
         if self.seeded:
             kwargs["generator"] = generator
         if self.base:
             return self.fn(tensors, base, **kwargs)
         return self.fn(tensors, **kwargs)
+
+    def check_models(self, n_models: int, has_base: bool) -> None:
+        """Raise ConfigError when a method gets a number of models (or a base) it cannot use."""
+        if self.base is True and not has_base:
+            raise ConfigError(f"merge method {self.name!r} needs base_model")
+        if n_models < self.min_models:
+            raise ConfigError(f"merge method {self.name!r} needs at least {self.min_models} model(s)"
+                              f"{' besides the base' if self.base else ''}, got {n_models}")
+        if self.max_models is not None and n_models > self.max_models:
+            raise ConfigError(f"merge method {self.name!r} takes at most {self.max_models} model(s)"
+                              f"{' besides the base' if self.base else ''}, got {n_models}")
+
+
+def _per_model_list(method: str, key: str, value: Any, n: int) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ConfigError(f"merge method {method!r}: parameter {key!r} has {len(value)} values for {n} models")
+        return list(value)
+    return [value] * n
+
+
+def model_value(values: Any, i: int) -> Any:
+    """Model i's value of a per-model parameter: a list as the engine passes it, or one scalar for all."""
+    return values[i] if isinstance(values, (list, tuple)) else values
+
+
+def model_values(values: Any, n: int) -> list:
+    """A per-model parameter as a list of n values (one scalar stands for every model)."""
+    return list(values) if isinstance(values, (list, tuple)) else [values] * n
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -50,13 +102,18 @@ def _yaml_name(py_name: str) -> str:
     return py_name[:-1] if py_name.endswith("_") and keyword.iskeyword(py_name[:-1]) else py_name
 
 
-def merge_method(name: str, *, paper: str = "", base: bool | str = False, min_models: int = 1):
-    """Register `fn(tensors, [base,] *, params...)`; keyword-only parameters annotated PerModel are per model."""
+def merge_method(name: str, *, paper: str = "", base: bool | str = False, min_models: int = 1,
+                 max_models: int | None = None):
+    """Register `fn(tensors, [base,] *, params...)`; keyword-only parameters annotated PerModel are per model.
+
+    A keyword-only parameter without a default is required; `generator` marks the method as seeded.
+    """
 
     def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         sig = inspect.signature(fn)
         per_model: dict[str, Any] = {}
         glob: dict[str, Any] = {}
+        required: set[str] = set()
         seeded = False
         for p in sig.parameters.values():
             if p.kind is not inspect.Parameter.KEYWORD_ONLY:
@@ -64,13 +121,16 @@ def merge_method(name: str, *, paper: str = "", base: bool | str = False, min_mo
             if p.name == "generator":
                 seeded = True
                 continue
+            if p.default is inspect.Parameter.empty:
+                required.add(_yaml_name(p.name))
             default = None if p.default is inspect.Parameter.empty else p.default
             ann = p.annotation
             target = per_model if ann is PerModel or ann == "PerModel" else glob
             target[_yaml_name(p.name)] = default
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
-        REGISTRY[name] = MethodSpec(name, fn, paper, base, per_model, glob, seeded, min_models)
+        REGISTRY[name] = MethodSpec(name, fn, paper, base, per_model, glob, seeded, min_models, max_models,
+                                    frozenset(required))
         fn.spec = REGISTRY[name]  # type: ignore[attr-defined]
         return fn
 

@@ -1,0 +1,35 @@
+"""Linear (weighted average) merge."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from merging.errors import ConfigError
+from merging.methods.registry import PerModel, merge_method, model_values
+
+
+@merge_method("linear", paper="Wortsman et al. 2022, Model soups: averaging weights of multiple fine-tuned models "
+              "improves accuracy without increasing inference time, ICML 2022, arXiv:2203.05482")
+def linear(tensors: list[Tensor], *, weight: PerModel, normalize: bool = True) -> Tensor:
+    """sum_i w_i t_i (divided by sum_i w_i when normalize), accumulated in fp32 (fp64 for fp64 inputs) and
+    returned in the inputs' dtype, as mergekit does. Every model is an input: there is no base.
+
+    Deviation: with normalize and weights summing to 0 mergekit writes inf/NaN; alloy raises ConfigError.
+    """
+    first = tensors[0]
+    if not first.is_floating_point():
+        raise ConfigError(f"linear: cannot merge a {first.dtype} tensor")
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    weight = model_values(weight, len(tensors))
+    w = torch.tensor(weight, dtype=dtype, device=first.device)
+    if normalize:
+        total = w.sum()
+        if total == 0:
+            raise ConfigError(f"linear: weights {list(weight)} sum to 0 with normalize: true")
+    out = torch.zeros_like(first, dtype=dtype)
+    for t, coefficient in zip(tensors, w):
+        out.addcmul_(t, coefficient)
+    if normalize:
+        out.div_(total)
+    return out.to(first.dtype)

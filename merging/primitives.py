@@ -1,0 +1,307 @@
+"""Pieces shared by TIES, DARE, breadcrumbs, DELLA and SCE: prune, drop, rescale, elect sign, disjoint merge.
+
+Each function reproduces mergekit 0.1.5's arithmetic (same operations, same dtype, same order) so that results are
+bit-identical to it wherever the choice of elements is.
+
+Selection among equal magnitudes. mergekit picks "the k largest" with `torch.argsort`/`torch.sort`/`torch.topk`,
+which on the CPU are not stable in torch 2.x: which of several elements tied at the threshold it keeps is an artefact
+of the sort's algorithm (it changes with the tensor's size, the torch version and the device). bf16 deltas tie a lot
+(about 1% of a realistic 4M-element delta sits exactly at a density-0.5 threshold). alloy's rule, the default
+`tie_break("index")`: order by value, ties by ascending flat index (what a stable sort gives), so the kept set is a
+function of the values alone. It keeps exactly as many elements as mergekit, the same ones strictly above (or below)
+the threshold, and differs from it only in which tied elements are kept. It needs no sort: the threshold comes from a
+histogram of the bit patterns (non-negative floats order like their bits read as integers: one pass for
+bf16/fp16, two 16-bit passes for fp32; `torch.kthvalue` for fp64), then the first tied elements by index complete the count.
+`tie_break("torch")` calls the very sort mergekit calls instead: bit-identical to mergekit on the same torch build
+and device, and slower (a full sort).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Literal
+
+import torch
+from torch import Tensor
+
+from merging.errors import ConfigError
+
+TieBreak = Literal["index", "torch"]
+_TIE_BREAK: ContextVar[str] = ContextVar("alloy_tie_break", default="index")
+_HALF_BINS = 1 << 15  # non-negative fp16/bf16 bit patterns (NaN included) lie in [0, 2**15)
+_KEY_DTYPES = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+@contextmanager
+def tie_break(mode: TieBreak) -> Iterator[None]:
+    """Select the rule for elements tied at a selection threshold within this context (this thread's context)."""
+    if mode not in ("index", "torch"):
+        raise ConfigError(f"tie_break must be 'index' or 'torch', got {mode!r}")
+    token = _TIE_BREAK.set(mode)
+    try:
+        yield
+    finally:
+        _TIE_BREAK.reset(token)
+
+
+def current_tie_break() -> str:
+    return _TIE_BREAK.get()
+
+
+# ----------------------------------------------------------------------------------------------------- selection
+
+
+def _locate(counts: Tensor, m: int, descending: bool) -> tuple[int, int]:
+    """The bin holding the m-th element in order (1-based m) and how many elements lie in bins before it."""
+    cum = (counts.flip(0) if descending else counts).cumsum(0)
+    pos = int(torch.searchsorted(cum, m))  # first position whose running count reaches m
+    before = int(cum[pos - 1]) if pos else 0
+    return (counts.numel() - 1 - pos if descending else pos), before
+
+
+def _kth_key(keys: Tensor, m: int, descending: bool) -> tuple[int, int]:
+    """Bit pattern of the m-th key in order and how many keys come strictly before it, by histograms:
+    one of 2**15 bins for 16-bit keys; for 32-bit keys one over the high halves, then one over the low halves of
+    the keys in the chosen high bin (a two-pass radix select, no sort)."""
+    if keys.dtype == torch.int16:
+        return _locate(torch.bincount(keys, minlength=_HALF_BINS), m, descending)
+    halves = keys.view(torch.int16)
+    high = halves[1::2] if sys.byteorder == "little" else halves[0::2]
+    top, before = _locate(torch.bincount(high, minlength=_HALF_BINS), m, descending)
+    low = keys[high == top] & 0xFFFF
+    bottom, before_low = _locate(torch.bincount(low, minlength=1 << 16), m - before, descending)
+    return (top << 16) | bottom, before + before_low
+
+
+def _first_in_order(flat: Tensor, m: int, descending: bool) -> Tensor:
+    """Bool mask of the first m elements of 1-D non-negative `flat` ordered by value, ties by ascending index."""
+    n = flat.numel()
+    if m <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if m >= n:
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    if flat.dtype in _KEY_DTYPES:
+        # Non-negative IEEE floats order like their bit patterns read as integers.
+        values = flat.contiguous().view(_KEY_DTYPES[flat.dtype])
+        thr, before = _kth_key(values, m, descending)
+    else:
+        values = flat
+        thr = torch.kthvalue(flat, n - m + 1 if descending else m).values
+        before = None
+    strict = values > thr if descending else values < thr
+    if before is None:
+        before = int(strict.sum())
+    tied = torch.nonzero(values == thr).squeeze(1)[:m - before]  # nonzero lists indices in ascending order
+    strict[tied] = True
+    return strict
+
+
+def rank_range_mask(values: Tensor, start: int, stop: int, *, descending: bool) -> Tensor:
+    """Bool mask (values' shape) of the elements at positions [start, stop) of the order by value (descending or
+    ascending), ties by ascending flat index. `values` must be non-negative (magnitudes)."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    start, stop = max(0, start), min(n, stop)
+    if stop <= start:
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    mask = _first_in_order(flat, stop, descending)
+    if start > 0:
+        mask &= ~_first_in_order(flat, start, descending)
+    return mask.view(values.shape)
+
+
+def _sort_key(magnitude: Tensor) -> Tensor:
+    """What mergekit sorts for magnitude and breadcrumbs selection: an fp32 copy on the CPU, the native dtype
+    elsewhere. Only fp64 is affected (its magnitudes then tie in fp32); the copy is skipped where it is exact."""
+    if magnitude.device.type == "cpu" and magnitude.dtype == torch.float64:
+        return magnitude.float()
+    return magnitude
+
+
+def magnitude_keep_count(density: float, n: int) -> int:
+    """mergekit's k for magnitude pruning: at least one element of a non-empty tensor once density > 0."""
+    return max(1, int(density * n))
+
+
+def magnitude_mask(delta: Tensor, k: int) -> Tensor:
+    """Bool mask of the k largest |delta| (see the module docstring for ties)."""
+    mag = delta.abs()
+    if current_tie_break() == "torch":
+        order = torch.argsort(mag.reshape(-1).float() if mag.device.type == "cpu" else mag.reshape(-1),
+                              descending=True)[:k]
+        mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+        mask[order] = True
+        return mask.view(delta.shape)
+    return rank_range_mask(_sort_key(mag), 0, k, descending=True)
+
+
+def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs' mask: drop the gamma fraction of largest |delta| and the smallest, keep int(density*n).
+
+    mergekit's counts: keep int(density*n) starting after the n - keep - int(gamma*n) smallest (never below 0, so
+    outlier removal shrinks when density + gamma > 1).
+    """
+    n = delta.numel()
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - keep - n_top)
+    mag = delta.abs()
+    if current_tie_break() == "torch":
+        flat = mag.reshape(-1).float() if mag.device.type == "cpu" else mag.reshape(-1)
+        order = torch.sort(flat, descending=False).indices[n_bottom:n_bottom + keep]
+        mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        mask[order] = True
+        return mask.view(delta.shape)
+    return rank_range_mask(_sort_key(mag), n_bottom, n_bottom + keep, descending=False)
+
+
+# ------------------------------------------------------------------------------------------------ prune and drop
+
+
+def l1_rescale(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
+    """Scale `masked` so that its L1 norm equals `original`'s (mergekit's `rescale`); unchanged if either is ~0."""
+    before = original.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def apply_mask(tensor: Tensor, mask: Tensor, rescale: bool) -> Tensor:
+    """tensor * mask (a multiply, as mergekit does: negative dropped values become -0.0), L1-rescaled if asked."""
+    masked = tensor * mask.to(tensor.dtype)
+    return l1_rescale(tensor, masked) if rescale else masked
+
+
+def magnitude_prune(delta: Tensor, density: float, *, rescale: bool = False) -> Tensor:
+    """TIES' trim: keep the k = max(1, int(density*n)) largest |delta|, zero the rest."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    return apply_mask(delta, magnitude_mask(delta, magnitude_keep_count(density, delta.numel())), rescale)
+
+
+def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, *, rescale: bool = False) -> Tensor:
+    """Model Breadcrumbs: remove the largest outliers (gamma) and the smallest values, keep a `density` share."""
+    if density >= 1:
+        return delta  # as mergekit: density 1 keeps everything, outliers included
+    return apply_mask(delta, outlier_mask(delta, density, gamma), rescale)
+
+
+def _sampling_dtype(tensor: Tensor) -> torch.dtype:
+    # torch.bernoulli has no fp16 CPU kernel: mergekit draws and rescales in fp32 there, in the native dtype elsewhere.
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        return tensor.dtype
+    return torch.float32
+
+
+def dare_drop(delta: Tensor, density: float, *, rescale: bool, generator: torch.Generator | None) -> Tensor:
+    """DARE: keep each element independently with probability `density` (Bernoulli), then optionally L1-rescale.
+
+    The draw is torch.bernoulli over a tensor filled with `density` in the sampling dtype (bf16 density rounds), as
+    mergekit draws it: the same generator state gives mergekit's exact mask.
+    """
+    if density >= 1:
+        return delta
+    work = _sampling_dtype(delta)
+    keep = torch.bernoulli(torch.full_like(delta, density, dtype=work), generator=generator)
+    return apply_mask(delta.to(work), keep, rescale).to(delta.dtype)
+
+
+def della_keep_probs(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's MagPrune keep probabilities: within each row (dim 1; a 1-D tensor is one row) the smallest magnitude
+    gets density - epsilon, the largest density + epsilon, linear in rank between (ties ranked by index).
+
+    Shape: delta's with a leading 1 added to 1-D tensors; dtype: the sampling dtype (bf16 ranks round, as in mergekit).
+    A row of one element gets `density` (mergekit fails there on 0/0).
+    """
+    work = _sampling_dtype(delta)
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    mag = rows.abs()
+    if current_tie_break() == "torch":
+        order = torch.argsort(mag, dim=1, descending=False)
+    else:
+        order = torch.sort(mag, dim=1, stable=True).indices
+    positions = torch.arange(rows.shape[1], device=delta.device).view(1, -1, *([1] * (rows.dim() - 2)))
+    ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order)).to(work) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    if rows.shape[1] == 1:
+        rank_norm = torch.full_like(ranks, 0.5)
+    else:
+        rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def della_drop(delta: Tensor, density: float, epsilon: float, *, rescale: bool,
+               generator: torch.Generator | None) -> Tensor:
+    """DELLA MagPrune: drop with magnitude-ranked probabilities (see della_keep_probs), then optionally L1-rescale."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ConfigError(f"della: epsilon {epsilon} must keep density {density} +/- epsilon inside (0, 1)")
+    work = _sampling_dtype(delta)
+    probs = della_keep_probs(delta, density, epsilon)
+    keep = torch.bernoulli(probs, generator=generator).to(work)
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    return apply_mask(rows.to(work), keep, rescale).to(delta.dtype).reshape(delta.shape)
+
+
+# ------------------------------------------------------------------------------------------ sign election, merge
+
+
+def elect_sign(deltas: Tensor, method: str = "sum", dtype: torch.dtype | None = None) -> Tensor:
+    """Majority sign (+1 / -1, zero counts as +1) over dim 0 of stacked deltas.
+
+    'sum' (TIES): the sign of the summed deltas, i.e. of the total mass. 'count': the sign most deltas have.
+    """
+    dtype = dtype or deltas.dtype
+    if method == "sum":
+        total = deltas.sum(dim=0)
+    elif method == "count":
+        total = deltas.sign().to(dtype).sum(dim=0)
+    else:
+        raise ConfigError(f"consensus_method must be 'sum' or 'count', got {method!r}")
+    return (total >= 0).to(dtype) * 2 - 1
+
+
+def agreement_mask(deltas: Tensor, method: str = "sum", *, int8: bool = False) -> Tensor:
+    """Bool mask over stacked deltas: True where an element's sign equals the elected sign (zeros never agree).
+
+    int8 holds the signs in int8 instead of the deltas' dtype (memory only; the mask is the same).
+    """
+    dtype = torch.int8 if int8 else deltas.dtype
+    return deltas.sign().to(dtype) == elect_sign(deltas, method, dtype)
+
+
+def disjoint_merge(weighted: Tensor, weights: Tensor, mask: Tensor | None, *, normalize: bool) -> Tensor:
+    """Sum stacked weighted deltas (where `mask` agrees); with normalize, divide by the sum of the weights that
+    contributed to each element (TIES' disjoint mean). Sums of zero weight divide by 1, as mergekit does.
+
+    `weights` is shaped to broadcast against `weighted` ([n, 1, ...]).
+    """
+    if mask is None:
+        mixed = weighted.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    else:
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    if normalize:
+        mixed /= divisor
+    return mixed
+
+
+def stacked_weights(values: list[float] | float, like: Tensor) -> Tensor:
+    """Per-model weights as a tensor in `like`'s dtype shaped [n, 1, ..., 1] to broadcast over stacked deltas
+    (one scalar stands for every model)."""
+    if not isinstance(values, (list, tuple)):
+        values = [values] * like.shape[0]
+    w = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return w.view(-1, *([1] * (like.dim() - 1)))
