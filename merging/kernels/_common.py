@@ -1,8 +1,8 @@
 """What every kernel shares: input checks, the launch grid, rounding to bf16/fp16, the Philox stream.
 
-The Triton helpers here are @triton.jit functions called from the kernels; they use only Triton builtins (no
-`tl.rand`, no `tl.cdiv`), so the kernels also run under TRITON_INTERPRET=1 when triton itself was imported before
-that variable was set — only this package has to be imported after it.
+The Triton helpers here are @triton.jit functions called from the kernels. The kernels use only Triton builtins
+(no `tl.rand`, `tl.sum`, `tl.zeros` or `tl.cdiv`, which are themselves @triton.jit functions), so they also run under
+TRITON_INTERPRET=1 when triton was imported before that variable was set: only this package must be imported after.
 """
 
 from __future__ import annotations
@@ -54,6 +54,23 @@ def block_for(kernel) -> int:
 
 def grid(n: int, block: int) -> tuple[int]:
     return (max(1, triton.cdiv(n, block)),)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+# tl.sum is itself a @triton.jit function: if triton was imported before TRITON_INTERPRET was set (peft imports it),
+# an interpreted kernel cannot call it. tl.reduce is a builtin the interpreter patches, and with triton's own sum
+# combiner it takes the interpreter's numpy fast path; on a GPU it is exactly tl.sum.
+SUM_COMBINE = getattr(getattr(tl, "standard", None), "_sum_combine", None) or _add
+
+
+@triton.jit
+def block_sum(x):
+    """Sum of a 1-D block (see SUM_COMBINE)."""
+    return tl.reduce(x, 0, SUM_COMBINE)
 
 
 @triton.jit

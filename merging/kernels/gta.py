@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from merging.errors import AlloyError
-from merging.kernels._common import NUM_WARPS, block_for, check_inputs, grid, philox_word, round_to
+from merging.kernels._common import NUM_WARPS, block_for, block_sum, check_inputs, grid, philox_word, round_to
 from merging.kernels._host import keep_threshold, rescale_factor, round_code, work_dtype
 
 SPARSE_NONE, SPARSE_TOPK, SPARSE_RANDOM, SPARSE_BAND = 0, 1, 2, 3
@@ -69,11 +69,11 @@ def _gta_kernel(xs, base_ptr, out_ptr, fparams_ptr, iparams_ptr, n, lam, divisor
     seed = tl.load(iparams_ptr)
     if HAS_BASE:
         b = tl.load(base_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    total = tl.zeros([BLOCK], dtype=tl.float32)  # accumulated in model order, as torch's sum over the model axis
-    pos = tl.zeros([BLOCK], dtype=tl.float32)
-    neg = tl.zeros([BLOCK], dtype=tl.float32)
-    wpos = tl.zeros([BLOCK], dtype=tl.float32)
-    wneg = tl.zeros([BLOCK], dtype=tl.float32)
+    total = tl.full([BLOCK], 0.0, tl.float32)  # accumulated in model order, as torch's sum over the model axis
+    pos = tl.full([BLOCK], 0.0, tl.float32)
+    neg = tl.full([BLOCK], 0.0, tl.float32)
+    wpos = tl.full([BLOCK], 0.0, tl.float32)
+    wneg = tl.full([BLOCK], 0.0, tl.float32)
     for i in tl.static_range(N):
         x = tl.load(xs[i] + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_BASE:
@@ -110,7 +110,7 @@ def _gta_kernel(xs, base_ptr, out_ptr, fparams_ptr, iparams_ptr, n, lam, divisor
         div = tl.where(div == 0, 1.0, div)
     else:
         mixed = round_to(total, STEP_ROUND)
-        div = divisor + tl.zeros([BLOCK], dtype=tl.float32)
+        div = divisor + tl.full([BLOCK], 0.0, tl.float32)
     if NORMALIZE:
         mixed = round_to(tl.math.div_rn(mixed, div), STEP_ROUND)
     if SCALE_LAMBDA:
@@ -140,8 +140,8 @@ def _l1_kernel(xs, base_ptr, part_ptr, fparams_ptr, iparams_ptr, n, nprog, N: tl
             d = x
         keep = _keep(d, offs, i, fparams_ptr, iparams_ptr, seed, SPARSIFY)
         a = tl.abs(d)
-        tl.store(part_ptr + (2 * i) * nprog + pid, tl.sum(a.to(tl.float64), axis=0))
-        tl.store(part_ptr + (2 * i + 1) * nprog + pid, tl.sum(tl.where(keep, a, 0.0).to(tl.float64), axis=0))
+        tl.store(part_ptr + (2 * i) * nprog + pid, block_sum(a.to(tl.float64)))
+        tl.store(part_ptr + (2 * i + 1) * nprog + pid, block_sum(tl.where(keep, a, 0.0).to(tl.float64)))
 
 
 def _first_cut(a: torch.Tensor, m: int, descending: bool) -> tuple[float, int]:

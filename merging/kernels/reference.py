@@ -39,13 +39,11 @@ def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_word(seed: int, offs: torch.Tensor, stream: int) -> torch.Tensor:
-    """First word of Philox4x32-10 at counter (offs lo, offs hi, stream, 0), key seed; int64 values in [0, 2**32)."""
-    k0, k1 = seed & M32, (seed >> 32) & M32
-    c0 = offs & M32
-    c1 = (offs >> 32) & M32
-    c2 = torch.full_like(offs, stream & M32)
-    c3 = torch.zeros_like(offs)
+def philox4x32(key: tuple[int, int], counter: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 (Salmon et al. 2011): the four 32-bit output words for counters (int64 tensors of values in
+    [0, 2**32)) under a two-word key."""
+    k0, k1 = key[0] & M32, key[1] & M32
+    c0, c1, c2, c3 = counter
     for _ in range(PHILOX_ROUNDS):
         hi_b, lo_b = _mulhilo(c2, PHILOX_ROUND_B)
         hi_a, lo_a = _mulhilo(c0, PHILOX_ROUND_A)
@@ -55,7 +53,13 @@ def philox_word(seed: int, offs: torch.Tensor, stream: int) -> torch.Tensor:
         c3 = lo_a
         k0 = (k0 + PHILOX_KEY_A) & M32
         k1 = (k1 + PHILOX_KEY_B) & M32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_word(seed: int, offs: torch.Tensor, stream: int) -> torch.Tensor:
+    """First word at counter (offs lo, offs hi, stream, 0) under key (seed lo, seed hi): the kernels' draw."""
+    zero = torch.zeros_like(offs)
+    return philox4x32((seed, seed >> 32), (offs & M32, (offs >> 32) & M32, zero + (stream & M32), zero))[0]
 
 
 def random_keep(n: int, seed: int, stream: int, density: float, device=None) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from merging.kernels._common import NUM_WARPS, block_for, check_inputs, grid
+from merging.kernels._common import NUM_WARPS, block_for, block_sum, check_inputs, grid
 from merging.kernels.gta import SPARSE_NONE, gta_merge
 
 DOT_THRESHOLD = 0.9995
@@ -28,9 +28,9 @@ def _dot_norm_kernel(x_ptr, y_ptr, part_ptr, n, nprog, BLOCK: tl.constexpr):
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float64)
     y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float64)
-    tl.store(part_ptr + pid, tl.sum(x * x, axis=0))
-    tl.store(part_ptr + nprog + pid, tl.sum(y * y, axis=0))
-    tl.store(part_ptr + 2 * nprog + pid, tl.sum(x * y, axis=0))
+    tl.store(part_ptr + pid, block_sum(x * x))
+    tl.store(part_ptr + nprog + pid, block_sum(y * y))
+    tl.store(part_ptr + 2 * nprog + pid, block_sum(x * y))
 
 
 def slerp_coefficients(xx: float, yy: float, xy: float, t: float) -> tuple[float, float]:
