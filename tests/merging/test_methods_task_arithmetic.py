@@ -165,3 +165,19 @@ def test_required_weight_and_bad_consensus_are_config_errors():
 def test_no_models_returns_the_base():
     base = torch.randn(3, 3)
     assert torch.equal(REGISTRY["ties"].fn([], base, weight=[]), base)
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
+def test_count_consensus_elects_by_vote(name):
+    base, models = family(torch.float32, n=4, seed=8)
+    params = {"weight": [0.2, 0.2, 0.2, 3.0], "density": [0.8] * 4}
+    by_sum = ours(name, base, models, {**params, "consensus_method": "sum"}, seed=2)
+    by_count = ours(name, base, models, {**params, "consensus_method": "count"}, seed=2)
+    assert not torch.equal(by_sum, by_count)  # one heavy model wins mass votes, not head counts
+    if name == "ties":  # rebuild 'count' from the primitives
+        deltas = torch.stack([P.magnitude_prune(m - base, 0.8) for m in models])
+        weights = P.stacked_weights(params["weight"], deltas)
+        weighted = deltas * weights
+        mask = P.agreement_mask(weighted, "count")
+        expected = base + P.disjoint_merge(weighted, weights, mask, normalize=True)
+        torch.testing.assert_close(by_count, expected, rtol=0, atol=0)

@@ -1,0 +1,140 @@
+"""The rest of mergekit's catalogue: model_stock, sce, nearswap, arcee_fusion, ram, ramplus_tl."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mergekit.merge_methods import merge_tensors  # the oracle (a test dependency)
+
+from merging import primitives as P
+from merging.errors import ConfigError
+from merging.methods import REGISTRY
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+def family(dtype, shape=(32, 90), n=3, seed=0, scale=0.02):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    models = [base + scale * torch.randn(shape, generator=g) for _ in range(n)]
+    return base.to(dtype), [m.to(dtype) for m in models]
+
+
+def both(name, base, models, params=None, seed=None):
+    params = params or {}
+    if seed is not None:
+        torch.manual_seed(seed)
+    ref = merge_tensors([base, *models], name, parameters=params, base_index=0)
+    spec = REGISTRY[name]
+    per_model = {k: v for k, v in params.items() if k in spec.per_model}
+    shared = {k: v for k, v in params.items() if k not in per_model}
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return spec.call(models, base, per_model, shared, generator=generator), ref
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("shape", [(32, 90), (77,)])
+def test_model_stock_matches_mergekit(dtype, filter_wise, shape):
+    base, models = family(dtype, shape=shape)
+    out, ref = both("model_stock", base, models, {"filter_wise": filter_wise})
+    assert same_bits(out, ref)
+
+
+def test_model_stock_interpolation_ratio_and_singularity():
+    base = torch.zeros(2)
+    # two fine-tunes at 90 degrees: cos 0 -> t = 0, the base
+    out = REGISTRY["model_stock"].call([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], base, {}, {})
+    assert out.tolist() == [0.0, 0.0]
+    # identical fine-tunes: cos 1 -> t = 1, their average
+    same = torch.tensor([0.5, -1.0])
+    assert REGISTRY["model_stock"].call([same, same.clone()], base, {}, {}).tolist() == [0.5, -1.0]
+    # opposite fine-tunes: 1 + (N-1) cos = 0 -> base kept
+    out = REGISTRY["model_stock"].call([same, -same], base, {}, {})
+    assert out.tolist() == [0.0, 0.0]
+    with pytest.raises(ConfigError, match="at least 2"):
+        REGISTRY["model_stock"].call([same], base, {}, {})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("params", [{}, {"select_topk": 0.3}, {"select_topk": 0.7, "int8_mask": True},
+                                    {"select_topk": 0.0}])
+def test_sce_matches_mergekit(dtype, params):
+    base, models = family(dtype)
+    with P.tie_break("torch"):
+        out, ref = both("sce", base, models, params)
+    assert same_bits(out, ref)
+    if dtype == torch.float32:  # no variance ties in fp32: alloy's rule agrees
+        out, ref = both("sce", base, models, params)
+        assert same_bits(out, ref)
+
+
+def test_sce_selects_by_variance_and_erases_minority_signs():
+    base = torch.zeros(4)
+    a = torch.tensor([1.0, 0.1, -1.0, 2.0])
+    b = torch.tensor([1.0, -0.1, 1.0, 2.0])
+    out = REGISTRY["sce"].call([a, b], base, {}, {"select_topk": 0.5})
+    # variances 0, 0.01, 1, 0 -> with two non-zero variances, keep 1: the third element; signs tie -> '+' wins
+    assert out.tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [0.0, 0.01, 0.5])
+def test_nearswap_matches_mergekit(dtype, t):
+    base, models = family(dtype, n=1)
+    out, ref = both("nearswap", base, models, {"t": t})
+    assert same_bits(out, ref)
+
+
+def test_nearswap_swaps_close_values_only():
+    base = torch.tensor([0.0, 0.0, 0.0])
+    other = torch.tensor([0.05, 0.2, 1.0])
+    out = REGISTRY["nearswap"].call([other], base, {}, {"t": 0.1})
+    assert out.tolist() == pytest.approx([0.05, 0.1, 0.1])  # weight min(1, t / |diff|)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_arcee_fusion_matches_mergekit(dtype):
+    base, models = family(dtype, n=1, scale=0.2)
+    out, ref = both("arcee_fusion", base, models)
+    assert same_bits(out, ref)
+
+
+def test_arcee_fusion_samples_large_tensors_from_the_seed():
+    base, models = family(torch.float32, shape=(1000, 1050), n=1, scale=0.2)  # over the 1e6 sampling bound
+    out, ref = both("arcee_fusion", base, models, seed=4)
+    assert same_bits(out, ref)
+    again, _ = both("arcee_fusion", base, models, seed=4)
+    assert same_bits(out, again)
+    changed = (out != base).float().mean().item()
+    assert 0 < changed < 0.5  # only the outliers of importance move to the other model
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,params", [("ram", {}), ("ram", {"epsilon": 0.01}), ("ramplus_tl", {}),
+                                         ("ramplus_tl", {"r": 0.5, "alpha": 0.8, "epsilon": 0.01})])
+def test_ram_matches_mergekit(dtype, name, params):
+    base, models = family(dtype)
+    # sparse deltas so that unique and shared elements both occur
+    g = torch.Generator().manual_seed(9)
+    models = [base + (m - base) * (torch.rand(base.shape, generator=g) < 0.4).to(dtype) for m in models]
+    out, ref = both(name, base, models, params)
+    assert same_bits(out, ref)
+
+
+def test_ram_keeps_unique_changes_and_averages_shared_ones():
+    base = torch.zeros(3)
+    a = torch.tensor([1.0, 2.0, 0.0])
+    b = torch.tensor([0.0, 4.0, 0.0])
+    assert REGISTRY["ram"].call([a, b], base, {}, {}).tolist() == [1.0, 3.0, 0.0]
+    plus = REGISTRY["ramplus_tl"].call([a, b], base, {}, {"r": 1.0, "alpha": 1.0})
+    # a: 1 shared, 1 unique -> rho 1 -> unique amplified by 1 + r * min(rho, alpha) = 2
+    assert plus.tolist() == [2.0, 3.0, 0.0]
