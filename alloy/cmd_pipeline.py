@@ -1,0 +1,168 @@
+"""`alloy run` (the merge pipeline on params.yaml) and `alloy serve` (the same flow on a cron schedule).
+
+Prefect runs with no server configured (a temporary local one per process) unless PREFECT_API_URL points at one;
+MLflow writes to params.yaml's store (default: sqlite file + artifacts folder in the project) unless
+MLFLOW_TRACKING_URI says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Set before prefect/mlflow/transformers are imported; a user's own settings win.
+_ENV_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # a cold start took > 20 s on a loaded machine
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _env() -> None:
+    for k, v in _ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="the pipeline's params file (default: params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the params file, e.g. --set eval.limit=10 (repeatable)")
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alloy run", description="Run the merge pipeline (Prefect flow): download -> "
+                                "merge -> quantisation check -> evaluate -> register, tracked in MLflow.")  # fmt: skip
+    _common(p)
+    p.add_argument("--runner", choices=["thread", "dask"], default=None, help="task runner (default: params.runner)")
+    p.add_argument("--dask-address", default=None, help="run candidates on this Dask scheduler (tcp://host:8786)")
+    p.add_argument("--write-configs", metavar="DIR", default=None,
+                   help="only write each candidate's mergekit YAML to DIR/<candidate group>/<name>.yml (for DVC) and exit")
+    return p
+
+
+def write_configs(params_path: str, overrides: list[str], out_dir: str) -> list[Path]:
+    """Each expanded candidate as a mergekit YAML whose models are paths (relative to the params file's folder)."""
+    import shutil
+
+    import yaml
+
+    from alloy.pipeline_params import expand_candidates, load_params, model_name_of
+
+    params = load_params(params_path, overrides)
+    models = params.all_models()
+    fam = params.family_dir()
+    root = params.root
+
+    def where(name: str) -> str:
+        spec = models.get(name)
+        if spec is None:
+            return name
+        if spec.path:
+            return spec.path
+        if spec.hub:
+            return spec.hub + (f"@{spec.revision}" if spec.revision else "")
+        if spec.family and fam is not None:
+            return os.path.relpath(fam / spec.family, root)
+        if spec.gguf:
+            return os.path.relpath(params.path(params.paths.models) / name, root)
+        return name
+
+    def swap(node):
+        if isinstance(node, dict):
+            return {k: (where(model_name_of(v)) if k in ("model", "base_model") and isinstance(v, str) else swap(v))
+                    for k, v in node.items()}  # fmt: skip
+        if isinstance(node, list):
+            return [swap(v) for v in node]
+        return node
+
+    out = Path(out_dir)
+    if not out.is_absolute():
+        out = Path.cwd() / out
+    written = []
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for c in expand_candidates(params, source=params_path):
+        f = tmp / c.group / f"{c.name}.yml"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        cfg = swap(c.config)
+        f.write_text(f"# candidate {c.name} ({c.run_name()}), seed {c.seed}; written by `alloy run --write-configs`\n"
+                     + yaml.safe_dump(cfg, sort_keys=False))  # fmt: skip
+        written.append(out / c.group / f.name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out) if tmp.exists() else out.mkdir(parents=True)
+    return written
+
+
+def _where_to_look(summary: dict) -> str:
+    uri = summary["tracking_uri"]
+    lines = [f"MLflow: {uri} (parent run {summary['parent_run_id']})"]
+    if uri.startswith("sqlite:"):
+        lines.append(f"  browse: mlflow ui --backend-store-uri {uri}   (or: alloy ui)")
+    champ = summary.get("champion")
+    name = summary.get("registry_name")
+    if champ:
+        lines.append(f"Champion: models:/{name}@champion = version {champ['version']} (score {champ['score']})")
+    else:
+        lines.append(f"Champion: none registered in {name!r}")
+    return "\n".join(lines)
+
+
+def run(argv: list[str]) -> int:
+    args = run_parser().parse_args(argv)
+    _env()
+    if args.write_configs:
+        for f in write_configs(args.params, args.overrides, args.write_configs):
+            print(f)
+        return 0
+    from alloy.pipeline_params import load_params
+
+    load_params(args.params, args.overrides)  # a bad params file fails here, before Prefect starts
+    from flows.pipeline import run_pipeline
+
+    summary = run_pipeline(args.params, args.overrides, runner=args.runner, address=args.dask_address)
+    failed = {n: c["error"] for n, c in summary["candidates"].items() if c.get("error")}
+    print(_where_to_look(summary))
+    print(f"pipeline finished in {summary['seconds']:.0f} s: {len(summary['candidates']) - len(failed)} of "
+          f"{len(summary['candidates'])} candidates ran")  # fmt: skip
+    for n, e in failed.items():
+        print(f"alloy: error: candidate {n}: {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alloy serve", description="Serve the merge pipeline on a schedule (Prefect "
+                                "flow.serve). Schedules need a Prefect server: set PREFECT_API_URL "
+                                "(`prefect server start`).")  # fmt: skip
+    _common(p)
+    p.add_argument("--cron", default="0 3 * * *", help='cron schedule (default "0 3 * * *": 03:00 every day)')
+    p.add_argument("--name", default="alloy-nightly", help="deployment name")
+    p.add_argument("--timezone", default=None, help="time zone of the cron schedule (default: UTC)")
+    return p
+
+
+def serve(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
+    _env()
+    from alloy.pipeline_params import load_params
+    from merging.errors import AlloyError
+
+    load_params(args.params, args.overrides)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise AlloyError("serve: PREFECT_API_URL is not set; schedules need a running Prefect server "
+                         "(prefect server start, then export PREFECT_API_URL=http://127.0.0.1:4200/api)")  # fmt: skip
+    from prefect.schedules import Cron
+
+    from flows.pipeline import merge_pipeline
+
+    params_path = str(Path(args.params).resolve())
+    schedule = Cron(args.cron, timezone=args.timezone) if args.timezone else Cron(args.cron)
+    merge_pipeline.serve(name=args.name, schedules=[schedule],
+                         parameters={"params_path": params_path, "overrides": args.overrides},
+                         description=f"alloy merge pipeline on {params_path}")  # fmt: skip
+    return 0

