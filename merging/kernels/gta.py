@@ -69,9 +69,14 @@ def _gta_kernel(xs, base_ptr, out_ptr, fparams_ptr, iparams_ptr, n, lam, divisor
     seed = tl.load(iparams_ptr)
     if HAS_BASE:
         b = tl.load(base_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    total = tl.full([BLOCK], 0.0, tl.float32)  # accumulated in model order, as torch's sum over the model axis
-    pos = tl.full([BLOCK], 0.0, tl.float32)
-    neg = tl.full([BLOCK], 0.0, tl.float32)
+    # Sums start at -0.0, the identity of IEEE addition, so a single pruned delta keeps its -0.0 (as torch's mask
+    # multiply leaves it), and accumulate in model order, as torch's sum over the model axis.
+    if FMA:
+        total = tl.full([BLOCK], 0.0, tl.float32)  # linear: torch.zeros, then addcmul_
+    else:
+        total = tl.full([BLOCK], -0.0, tl.float32)
+    pos = tl.full([BLOCK], -0.0, tl.float32)
+    neg = tl.full([BLOCK], -0.0, tl.float32)
     wpos = tl.full([BLOCK], 0.0, tl.float32)
     wneg = tl.full([BLOCK], 0.0, tl.float32)
     for i in tl.static_range(N):

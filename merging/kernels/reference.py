@@ -88,7 +88,7 @@ def band_keep(delta: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 def _seq_sum(parts: list[torch.Tensor]) -> torch.Tensor:
     """Sum over models in float32, in model order (what torch's sum over a stacked model axis does)."""
-    acc = torch.zeros_like(parts[0], dtype=torch.float32)
+    acc = torch.full_like(parts[0], -0.0, dtype=torch.float32)  # the identity of IEEE addition, as the kernels
     for p in parts:
         acc = acc + p.float()
     return acc
