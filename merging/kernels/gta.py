@@ -18,6 +18,8 @@ writes. Without it (linear, slerp, or on request) everything stays float32 and o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -181,12 +183,47 @@ def band_cuts(delta: torch.Tensor, start: int, stop: int) -> tuple[float, int, f
     return hi, hi_cut, lo, lo_cut
 
 
-def gta_merge(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weights: list[float],
-              sparsify: int = SPARSE_NONE, densities: list[float] | None = None, gammas: list[float] | None = None,
-              consensus: int = CONSENSUS_NONE, normalize: bool = False, rescale: bool = False,
-              lambda_: float = 1.0, seed: int = 0, stepwise: bool = True, fma: bool = False,
-              zero_divisor_eps: float = 1e-8, what: str = "gta", block: int | None = None) -> torch.Tensor:
-    """The generic fused merge (see the module docstring); the named kernels in merging.kernels.ops call this.
+@dataclass
+class GtaLaunch:
+    """Everything the fused pass needs, once the host-side preparation (magnitude cuts, L1 rescale pass) is done."""
+
+    xs: tuple[torch.Tensor, ...]
+    base: torch.Tensor | None
+    fparams: torch.Tensor
+    iparams: torch.Tensor
+    lambda_: float
+    divisor: float
+    flags: dict
+    block: int
+
+    def run(self) -> torch.Tensor:
+        """The fused pass: read every input once, write the merged tensor."""
+        out = torch.empty_like(self.xs[0], memory_format=torch.contiguous_format)
+        n = out.numel()
+        if n:
+            base = self.base if self.base is not None else self.xs[0]  # HAS_BASE=False never reads it
+            _gta_kernel[grid(n, self.block)](
+                self.xs, base, out, self.fparams, self.iparams, n, self.lambda_, self.divisor, N=len(self.xs),
+                HAS_BASE=self.base is not None, BLOCK=self.block, num_warps=NUM_WARPS,
+                enable_fp_fusion=False,  # no contraction into FMAs: round the products torch rounds
+                **self.flags)
+        return out
+
+
+def gta_merge(tensors: list[torch.Tensor], base: torch.Tensor | None, **kwargs) -> torch.Tensor:
+    """The generic fused merge (see the module docstring and prepare_gta); merging.kernels.ops calls this."""
+    prepared = prepare_gta(tensors, base, **kwargs)
+    return prepared.run() if isinstance(prepared, GtaLaunch) else prepared
+
+
+def prepare_gta(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weights: list[float],
+                sparsify: int = SPARSE_NONE, densities: list[float] | None = None,
+                gammas: list[float] | None = None, consensus: int = CONSENSUS_NONE, normalize: bool = False,
+                rescale: bool = False, lambda_: float = 1.0, seed: int = 0, stepwise: bool = True,
+                fma: bool = False, zero_divisor_eps: float = 1e-8, what: str = "gta",
+                block: int | None = None) -> GtaLaunch | torch.Tensor:
+    """Check the inputs, find the magnitude cuts and the rescale factors; return the launch (or, with no models,
+    the base itself).
 
     stepwise: round intermediates to the inputs' dtype as torch does computing in it (False: float32 throughout).
     fma: accumulate w_i * x_i with fused multiply-adds (torch's addcmul; no sparsify, no consensus).
@@ -236,14 +273,14 @@ def gta_merge(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weights
                 hi, hi_cut, lo, lo_cut = band_cuts(delta, start, start + keep)
                 fparams[i, 1], iparams[1 + 2 * i], fparams[i, 3], iparams[2 + 2 * i] = hi, hi_cut, lo, lo_cut
             del delta
-    base_arg = b if b is not None else xs[0]  # any pointer: HAS_BASE=False never reads it
     do_rescale = rescale and any(prunes) and n > 0
     if do_rescale:
         fp_d, ip_d = fparams.to(device), iparams.to(device)
         nprog = grid(n, block)[0]
         part = torch.empty((count, 2, nprog), dtype=torch.float64, device=device)
-        _l1_kernel[grid(n, block)](xs, base_arg, part, fp_d, ip_d, n, nprog, N=count, HAS_BASE=b is not None,
-                                   SPARSIFY=sparsify, STEP_ROUND=step, BLOCK=block, num_warps=NUM_WARPS)
+        _l1_kernel[grid(n, block)](xs, b if b is not None else xs[0], part, fp_d, ip_d, n, nprog, N=count,
+                                   HAS_BASE=b is not None, SPARSIFY=sparsify, STEP_ROUND=step, BLOCK=block,
+                                   num_warps=NUM_WARPS)
         sums = part.sum(dim=2).cpu()
         for i in range(count):
             if prunes[i]:
@@ -255,11 +292,6 @@ def gta_merge(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weights
         if abs(float(wsum)) < zero_divisor_eps:
             wsum = torch.ones((), dtype=cdt)
         divisor = float(wsum)
-    out = torch.empty_like(xs[0], memory_format=torch.contiguous_format)
-    if n:
-        _gta_kernel[grid(n, block)](
-            xs, base_arg, out, fparams.to(device), iparams.to(device), n, float(lambda_), divisor, N=count,
-            HAS_BASE=b is not None, SPARSIFY=sparsify, RESCALE=do_rescale, CONSENSUS=consensus, NORMALIZE=normalize,
-            SCALE_LAMBDA=lambda_ != 1, FMA=fma, STEP_ROUND=step, OUT_ROUND=round_code(dtype), BLOCK=block,
-            num_warps=NUM_WARPS, enable_fp_fusion=False)  # no contraction into FMAs: the products torch rounds
-    return out
+    flags = dict(SPARSIFY=sparsify, RESCALE=do_rescale, CONSENSUS=consensus, NORMALIZE=normalize,
+                 SCALE_LAMBDA=lambda_ != 1, FMA=fma, STEP_ROUND=step, OUT_ROUND=round_code(dtype))
+    return GtaLaunch(xs, b, fparams.to(device), iparams.to(device), float(lambda_), divisor, flags, block)
