@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge from its verified shards")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt inputs (loaded with weights_only=True)")
+    p.add_argument("--tie-break", default="index", choices=["index", "torch"],
+                   help="elements tied at a magnitude threshold: keep the first by position (default), or whatever "
+                        "torch's sort keeps, as mergekit does (bit-identical to it, slower)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -44,6 +47,6 @@ def main(argv: list[str]) -> int:
     result = run_merge(args.config, args.out_dir, seed=args.seed, device=args.device,
                        shard_size=parse_size(args.shard_size), dtype=args.dtype, resume=args.resume,
                        overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
-                       allow_pickle=args.allow_pickle)
+                       allow_pickle=args.allow_pickle, tie_break=args.tie_break)
     print(result.summary())
     return 0

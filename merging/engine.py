@@ -196,8 +196,23 @@ def _verify_shard(path: Path, expect: dict[str, str]) -> bool:
 def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int | None = None, device: str = "cpu",
               shard_size: int = 2 * 1024**3, dtype: str | None = None, resume: bool = False, overwrite: bool = False,
               progress: bool = True, model_paths: dict[str, Path] | None = None, allow_pickle: bool = False,
-              extra_card: dict | None = None) -> MergeResult:
-    """Merge to a Hugging Face checkpoint folder, atomically. See docs/design.md."""
+              extra_card: dict | None = None, tie_break: str = "index") -> MergeResult:
+    """Merge to a Hugging Face checkpoint folder, atomically. See docs/design.md.
+
+    tie_break: which of several elements tied at a magnitude threshold are kept — "index" (the first by position:
+    a function of the values alone) or "torch" (whatever torch's sort picks, as mergekit does: bit-identical to it
+    on the same torch build, and slower).
+    """
+    from merging.primitives import tie_break as tie_rule
+
+    with tie_rule(tie_break):
+        return _run_merge(config, out_dir, seed=seed, device=device, shard_size=shard_size, dtype=dtype,
+                          resume=resume, overwrite=overwrite, progress=progress, model_paths=model_paths,
+                          allow_pickle=allow_pickle, extra_card=extra_card)
+
+
+def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, overwrite, progress, model_paths,
+               allow_pickle, extra_card) -> MergeResult:
     from merging.output import check_tokenizer_policy, finalize_output
 
     t0 = time.perf_counter()
@@ -311,8 +326,16 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
 
 
 def merge_to_state_dict(config: MergeConfig | str | Path, *, seed: int | None = None, device: str = "cpu",
-                        dtype: str | None = None, model_paths: dict[str, Path] | None = None) -> MergeResult:
+                        dtype: str | None = None, model_paths: dict[str, Path] | None = None,
+                        tie_break: str = "index") -> MergeResult:
     """The same merge held in memory (for search loops that evaluate and discard)."""
+    from merging.primitives import tie_break as tie_rule
+
+    with tie_rule(tie_break):
+        return _merge_to_state_dict(config, seed=seed, device=device, dtype=dtype, model_paths=model_paths)
+
+
+def _merge_to_state_dict(config, *, seed, device, dtype, model_paths) -> MergeResult:
     t0 = time.perf_counter()
     search = []
     if not isinstance(config, MergeConfig):

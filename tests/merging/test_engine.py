@@ -262,3 +262,33 @@ def test_disk_full_is_a_clean_error_and_leaves_nothing(family_fp32, tmp_path, mo
     with pytest.raises(OutputError, match="No space left on device"):
         run_merge(write_cfg(tmp_path, passthrough(family_fp32)), tmp_path / "out", progress=False)
     assert listing(tmp_path) == ["c.yml"]
+
+
+def test_dare_same_seed_same_bytes_other_seed_differs(family_bf16, tmp_path):
+    cfg = {"merge_method": "dare_ties", "base_model": str(family_bf16["base"]), "models": [
+        {"model": str(family_bf16["ft0"]), "parameters": {"weight": 1.0, "density": 0.4}},
+        {"model": str(family_bf16["ft1"]), "parameters": {"weight": 0.5, "density": 0.6}}]}
+    p = write_cfg(tmp_path, cfg)
+    run_merge(p, tmp_path / "a", seed=7, progress=False)
+    run_merge(p, tmp_path / "b", seed=7, progress=False)
+    run_merge(p, tmp_path / "c", seed=8, progress=False)
+    a, b, c = (b"".join(f.read_bytes() for f in sorted((tmp_path / d).glob("*.safetensors"))) for d in "abc")
+    assert a == b and a != c
+    ma = json.loads((tmp_path / "a" / "alloy_manifest.json").read_text())
+    assert ma["seed"] == 7
+    # kept fraction of ft0's delta ~ its density (0.4) on a large tensor: sampling error of 1M draws is ~0.001
+    base = load_file(family_bf16["base"] / "model-00001-of-00002.safetensors")
+    name = "model.embed_tokens.weight"
+    solo = {"merge_method": "dare_linear", "base_model": str(family_bf16["base"]), "parameters": {"normalize": False},
+            "models": [{"model": str(family_bf16["ft0"]), "parameters": {"weight": 1.0, "density": 0.4}}]}
+    run_merge(write_cfg(tmp_path, solo, "solo.yml"), tmp_path / "solo", seed=3, progress=False)
+    out = {}
+    for f in (tmp_path / "solo").glob("*.safetensors"):
+        out.update(load_file(f))
+    ft = {}
+    for f in family_bf16["ft0"].glob("*.safetensors"):
+        ft.update(load_file(f))
+    moved = (ft[name] != base[name])
+    kept = (out[name] != base[name]) & moved
+    frac = kept.sum().item() / moved.sum().item()
+    assert abs(frac - 0.4) < 0.03, frac
