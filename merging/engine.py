@@ -67,8 +67,11 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None, *, seed: int,
-                   device: str = "cpu") -> torch.Tensor:
+                   device: str = "cpu", kernels: bool | None = None) -> torch.Tensor:
     """One output tensor from its inputs: cast to the compute dtype, run the method (or its kernel), cast out."""
+    if kernels is None:
+        kernels = device.startswith("cuda")
+
     def prep(t: torch.Tensor) -> torch.Tensor:
         t = t.to(device, non_blocking=True)
         return t.to(task.compute_dtype) if task.compute_dtype is not None else t
@@ -84,24 +87,15 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
         if spec.seeded:
             gen = torch.Generator(device=device)
             gen.manual_seed(tensor_seed(seed, task.name))
-        fn = spec.fn
-        if device.startswith("cuda"):
+        fn = None
+        if kernels:
             from merging.kernels import KERNELS  # triton is only imported when a kernel is wanted
 
-            fn = KERNELS.get(task.method, spec.fn)
-        out = _call(spec, fn, xs, b, task, gen)
+            fn = KERNELS.get(task.method)
+        out = spec.call(xs, b, task.per_model, task.global_params, generator=gen, fn=fn)
     if tuple(out.shape) != task.shape:
         raise AlloyError(f"tensor {task.name!r}: method {task.method} produced shape {tuple(out.shape)}, expected {task.shape}")
     return out.to(task.dtype).cpu()
-
-
-def _call(spec, fn: Callable, xs, b, task: TensorTask, gen) -> torch.Tensor:
-    from merging.methods.registry import _py_name
-
-    kwargs = {_py_name(k): v for k, v in {**task.global_params, **task.per_model}.items()}
-    if spec.seeded:
-        kwargs["generator"] = gen
-    return fn(xs, b, **kwargs) if spec.base else fn(xs, **kwargs)
 
 
 def _load(plan: Plan, task: TensorTask) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -116,7 +110,7 @@ def _task_bytes(plan: Plan, task: TensorTask) -> int:
 
 
 def iter_computed(plan: Plan, tasks: list[TensorTask], *, seed: int, device: str = "cpu",
-                  workers: int = 2) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+                  kernels: bool | None = None, workers: int = 2) -> Iterator[tuple[TensorTask, torch.Tensor]]:
     """Yield (task, output) in order, reading ahead within PREFETCH_BYTES while the current task computes."""
     pending: deque[tuple[TensorTask, Future, int]] = deque()
     in_flight = 0
@@ -131,7 +125,7 @@ def iter_computed(plan: Plan, tasks: list[TensorTask], *, seed: int, device: str
                 nxt += 1
             task, fut, size = pending.popleft()
             xs, b = fut.result()
-            out = compute_tensor(task, xs, b, seed=seed, device=device)
+            out = compute_tensor(task, xs, b, seed=seed, device=device, kernels=kernels)
             del xs, b
             in_flight -= size
             yield task, out
@@ -196,23 +190,24 @@ def _verify_shard(path: Path, expect: dict[str, str]) -> bool:
 def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int | None = None, device: str = "cpu",
               shard_size: int = 2 * 1024**3, dtype: str | None = None, resume: bool = False, overwrite: bool = False,
               progress: bool = True, model_paths: dict[str, Path] | None = None, allow_pickle: bool = False,
-              extra_card: dict | None = None, tie_break: str = "index") -> MergeResult:
+              extra_card: dict | None = None, tie_break: str = "index", kernels: bool | None = None) -> MergeResult:
     """Merge to a Hugging Face checkpoint folder, atomically. See docs/design.md.
 
     tie_break: which of several elements tied at a magnitude threshold are kept — "index" (the first by position:
     a function of the values alone) or "torch" (whatever torch's sort picks, as mergekit does: bit-identical to it
     on the same torch build, and slower).
+    kernels: use the Triton kernels (default: on CUDA only; on CPU they need TRITON_INTERPRET=1, for tests).
     """
     from merging.primitives import tie_break as tie_rule
 
     with tie_rule(tie_break):
         return _run_merge(config, out_dir, seed=seed, device=device, shard_size=shard_size, dtype=dtype,
                           resume=resume, overwrite=overwrite, progress=progress, model_paths=model_paths,
-                          allow_pickle=allow_pickle, extra_card=extra_card)
+                          allow_pickle=allow_pickle, extra_card=extra_card, kernels=kernels)
 
 
 def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, overwrite, progress, model_paths,
-               allow_pickle, extra_card) -> MergeResult:
+               allow_pickle, extra_card, kernels) -> MergeResult:
     from merging.output import check_tokenizer_policy, finalize_output
 
     t0 = time.perf_counter()
@@ -240,7 +235,7 @@ def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, over
     try:
         result = _merge_locked(plan, out_dir, seed=seed, device=device, shard_size=shard_size, resume=resume,
                                overwrite=overwrite, progress=progress, extra_card=extra_card, t0=t0,
-                               finalize=finalize_output)
+                               finalize=finalize_output, kernels=kernels)
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
@@ -249,7 +244,8 @@ def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, over
 
 
 def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_size: int, resume: bool,
-                  overwrite: bool, progress: bool, extra_card: dict | None, t0: float, finalize) -> MergeResult:
+                  overwrite: bool, progress: bool, extra_card: dict | None, t0: float, finalize,
+                  kernels: bool | None) -> MergeResult:
     from tqdm import tqdm
 
     tmp = out_dir.parent / f".{out_dir.name}.alloy-partial"
@@ -297,7 +293,7 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
         bar = tqdm(total=len(plan.tasks), initial=len(plan.tasks) - len(todo), unit="tensor", disable=not progress,
                    desc="merging", dynamic_ncols=True)
         try:
-            for task, out in iter_computed(plan, todo, seed=seed, device=device):
+            for task, out in iter_computed(plan, todo, seed=seed, device=device, kernels=kernels):
                 writer.put(write, task.name, out)
                 bar.update(1)
         finally:

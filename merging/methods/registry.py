@@ -34,7 +34,8 @@ class MethodSpec:
         return set(self.per_model) | set(self.globals)
 
     def call(self, tensors: list[torch.Tensor], base: torch.Tensor | None, per_model: dict[str, list],
-             global_params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+             global_params: dict[str, Any], generator: torch.Generator | None = None,
+             fn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """Check counts and parameters, broadcast scalar per-model values, then run the function.
 
         Raises ConfigError (one line naming the method and the parameter) for what a config can get wrong.
@@ -57,9 +58,10 @@ class MethodSpec:
             kwargs[_py_name(key)] = value
         if self.seeded:
             kwargs["generator"] = generator
+        fn = fn or self.fn  # a kernel with the same signature, when merging on a GPU
         if self.base:
-            return self.fn(tensors, base, **kwargs)
-        return self.fn(tensors, **kwargs)
+            return fn(tensors, base, **kwargs)
+        return fn(tensors, **kwargs)
 
     def check_models(self, n_models: int, has_base: bool) -> None:
         """Raise ConfigError when a method gets a number of models (or a base) it cannot use."""
