@@ -4,8 +4,9 @@ out = base + lambda * combine_i(w_i * scale_i * keep_i * (x_i - base))      (bas
 
 - keep_i: all (task arithmetic, linear); top-k magnitude (TIES); a band of magnitude ranks (Model Breadcrumbs); or
   random (DARE: a Philox word keyed by (seed, element, model) below a per-model threshold). The magnitude cuts are
-  found on the host (kthvalue + a tie cut at an element index, so exactly k survive, ties to the lower index, as
-  merging.primitives orders them); the kernel only compares.
+  found before the pass with torch ops (a histogram of bf16/fp16 bit patterns, or kthvalue, plus a tie cut at an
+  element index, so exactly k survive with ties to the lower index, as merging.primitives orders them); the kernel
+  only compares.
 - scale_i: 1, or the L1 rescale (sum |delta| / sum |kept delta|) measured by a first reduction pass (_l1_kernel).
 - combine: a plain sum, or TIES' disjoint mean: elect the sign (of the summed weighted deltas, or of the count of
   signs), keep only the agreeing deltas, divide by the sum of their weights.
@@ -151,29 +152,53 @@ def _l1_kernel(xs, base_ptr, part_ptr, fparams_ptr, iparams_ptr, n, nprog, N: tl
         tl.store(part_ptr + (2 * i + 1) * nprog + pid, block_sum(tl.where(keep, a, 0.0).to(tl.float64)))
 
 
+_HALF_BINS = 1 << 15  # non-negative bf16/fp16 bit patterns (NaN included) lie in [0, 2**15)
+
+
 def _first_cut(a: torch.Tensor, m: int, descending: bool) -> tuple[float, int]:
     """(threshold, cut) such that the first m elements of 1-D non-negative `a`, ordered by value (descending or
     ascending) with ties by ascending index, are: strictly beyond the threshold, plus the elements equal to it
-    with index <= cut. kthvalue and a count instead of a sort."""
+    with index <= cut.
+
+    No sort: bf16/fp16 magnitudes order like their int16 bits, so one histogram of the bit patterns gives the
+    threshold and the count beyond it (one pass); float32 uses kthvalue.
+    """
     n = a.numel()
     if m <= 0:
         return (float("inf"), -1) if descending else (-1.0, -1)
     if m >= n:
         return (-1.0, n) if descending else (float("inf"), n)
-    thr = torch.kthvalue(a, n - m + 1 if descending else m).values
-    before = int((a > thr).sum()) if descending else int((a < thr).sum())
-    cut = int(torch.nonzero(a == thr)[m - before - 1, 0])
-    return float(thr), cut
+    if a.dtype in (torch.bfloat16, torch.float16):
+        keys = a.view(torch.int16)
+        counts = torch.bincount(keys, minlength=_HALF_BINS)
+        cum = (counts.flip(0) if descending else counts).cumsum(0)
+        pos = int(torch.searchsorted(cum, m))  # the first bin whose running count reaches m
+        before = int(cum[pos - 1]) if pos else 0
+        key = _HALF_BINS - 1 - pos if descending else pos
+        thr = float(torch.tensor(key, dtype=torch.int16).view(a.dtype))
+        ties = keys == key
+    else:
+        thr_t = torch.kthvalue(a, n - m + 1 if descending else m).values
+        before = int((a > thr_t).sum()) if descending else int((a < thr_t).sum())
+        thr = float(thr_t)
+        ties = a == thr_t
+    cut = int(torch.nonzero(ties)[m - before - 1, 0])
+    return thr, cut
+
+
+def _magnitudes(delta: torch.Tensor) -> torch.Tensor:
+    a = delta.reshape(-1).abs()
+    return a if a.dtype in (torch.bfloat16, torch.float16) else a.float()
 
 
 def topk_cut(delta: torch.Tensor, k: int) -> tuple[float, int]:
     """Keep |d| > threshold, and |d| == threshold up to flat index cut: exactly the k largest magnitudes."""
-    return _first_cut(delta.reshape(-1).abs().float(), k, descending=True)
+    return _first_cut(_magnitudes(delta), k, descending=True)
 
 
 def band_cuts(delta: torch.Tensor, start: int, stop: int) -> tuple[float, int, float, int]:
     """(stop threshold, stop cut, start threshold, start cut) of ascending-magnitude ranks [start, stop)."""
-    a = delta.reshape(-1).abs().float()
+    a = _magnitudes(delta)
     n = a.numel()
     start, stop = max(0, start), min(n, stop)
     if stop <= start:

@@ -20,9 +20,3 @@ def test_benchmark_exits_with_a_message_without_cuda():
     assert done.returncode != 0
     assert "no CUDA device" in done.stderr
 
-
-def test_benchmark_refuses_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode != 0
-    assert "TRITON_INTERPRET is set" in done.stderr

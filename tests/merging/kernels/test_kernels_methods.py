@@ -61,7 +61,7 @@ def test_kernel_matches_registered_method(name, kwargs, dtype):
 
 
 def test_magnitude_prune_is_the_primitive_bit_for_bit():
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in DTYPES:
         xs, base = family(4099, dtype, tie_share=0.5)
         delta = xs[0] - base
         for density in (0.2, 0.5, 0.8):
