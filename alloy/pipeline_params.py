@@ -347,11 +347,10 @@ class Candidate:
         return hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
 
     def run_name(self) -> str:
-        """Method and key parameters, readable: 'ties density=0.5 weight=1,1,0.5'."""
-        bits = [self.method]
-        for k, v in flat_params(self.config).items():
-            if k.endswith(".weight") or k.endswith(".density") or "." not in k:
-                bits.append(f"{k}={_short(v)}")
+        """Method and key parameters, grid values first, readable: 'ties density=0.5 weight=1'."""
+        flat = flat_params(self.config)
+        keys = [k for k in self.point if k in flat] + [k for k in flat if k not in self.point]
+        bits = [self.method] + [f"{k}={_short(flat[k])}" for k in keys if k not in ("dtype", "out_dtype", "tokenizer_source")]
         return " ".join(bits)[:250]
 
     def parents(self) -> list[str]:

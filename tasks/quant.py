@@ -58,11 +58,12 @@ def quant(merged: dict, texts_file: str, thresholds: dict, *, max_tokens: int = 
     rep = check_model(merged["out_dir"], texts_file, thresholds, max_tokens=max_tokens,
                       model_digest=merged.get("weights_sha256"), cache_file=cache)  # fmt: skip
     log = get_run_logger()
+    how = " (cached)" if rep.get("cached") else ""
     if rep["passed"]:
         log.info(f"{merged['name']}: quantisation check passed (int8 KL {rep['metrics'].get('int8_kl', float('nan')):.3g}, "
-                 f"int4 KL {rep['metrics'].get('int4_kl', float('nan')):.3g})")  # fmt: skip
+                 f"int4 KL {rep['metrics'].get('int4_kl', float('nan')):.3g}){how}")  # fmt: skip
     else:
-        log.warning(f"{merged['name']}: quantisation check FAILED: " + "; ".join(rep["reasons"]))
+        log.warning(f"{merged['name']}: quantisation check FAILED{how}: " + "; ".join(rep["reasons"]))
     if tracking:
         from alloy import registry
 
