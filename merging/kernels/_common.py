@@ -92,7 +92,7 @@ def round_to(x, ROUND: tl.constexpr):
         a = tl.abs(x)
         # below 2**-14 halves are subnormal, multiples of 2**-24: the ulp of 0.75 in float32, so the addition rounds
         sub = (a + 0.75) - 0.75
-        sub = tl.where(x < 0, -sub, sub)
+        sub = (sub.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)  # keeps -0.0
         y = tl.where(a < 6.103515625e-05, sub, r)
         y = tl.where(x != x, x, y)
     else:
