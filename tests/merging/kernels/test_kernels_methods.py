@@ -127,3 +127,17 @@ def test_dare_ties_agrees_with_the_method_in_distribution():
     assert abs(share) < 0.01 and abs(share0) < 0.01
     assert abs(scale) < 0.02 and abs(scale0) < 0.02
     assert abs(agree - agree0) < 0.02
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (0,), (3, 0)], ids=str)
+def test_scalar_single_and_empty_tensors(shape):
+    g = gen(0)
+    base = torch.randn(shape, generator=g).to(torch.bfloat16)
+    xs = [torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(2)]
+    for name, kwargs in [("ties", dict(weight=[1.0, 0.5], density=0.5)), ("linear", dict(weight=[1.0, 2.0])),
+                         ("breadcrumbs", dict(weight=[1.0, 1.0], density=0.5)), ("slerp", dict(t=0.5))]:
+        out = run(KERNELS[name], name, xs, base, kwargs)
+        assert out.shape == shape
+        assert same_bytes(out, run(REGISTRY[name].fn, name, xs, base, kwargs))
+    out = KERNELS["dare_ties"](xs, base, weight=[1.0, 1.0], density=0.5, generator=gen(1))
+    assert out.shape == shape
