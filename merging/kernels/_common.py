@@ -105,7 +105,8 @@ def philox_word(seed, offs, stream):
     """First 32-bit word of Philox4x32-10 at counter (offs low, offs high, stream, 0) under key `seed` (int64 >= 0).
 
     Counter-based: the word depends on (seed, element offset, model index) only, never on the block or the order
-    programs run in. For stream 0 this is the word `tl.randint(seed, offs)` returns for int64 offsets.
+    programs run in. For stream 0 this is the word `tl.randint(seed, offs)` returns for int64 offsets. The round
+    and key constants are Philox's (named in merging.kernels._host; the torch twin is reference.philox4x32).
     """
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
