@@ -3,9 +3,9 @@ agree bit for bit (torch rounds each operation to nearest even, as the kernels d
 
 Written as plain torch, the way the torch methods compute (in the inputs' dtype for the task-arithmetic family, in
 float32 for linear and slerp), and independently of the kernels where it matters: magnitude selections here sort
-(stable) instead of the kernels' histogram/kthvalue + tie cut, and Philox runs on int64 tensors with 16-bit limbs. What the
-kernels do differently from merging.methods is done the same way here: sums over models accumulate in float32 in
-model order, L1 norms are float64 sums, DARE's mask comes from Philox.
+(stable) instead of the kernels' histogram/kthvalue + tie cut, and Philox runs on int64 tensors with 16-bit limbs.
+What the kernels do differently from merging.methods is done the same way here: sums over models accumulate in
+float32 in model order, L1 norms are float64 sums, DARE's mask comes from Philox.
 Each public function has the signature of the kernel of the same name in merging.kernels.ops.
 """
 
