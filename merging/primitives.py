@@ -170,8 +170,10 @@ def l1_rescale(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 def apply_mask(tensor: Tensor, mask: Tensor, rescale: bool) -> Tensor:
-    """tensor * mask (a multiply, as mergekit does: negative dropped values become -0.0), L1-rescaled if asked."""
-    masked = tensor * mask.to(tensor.dtype)
+    """tensor * mask (a multiply, as mergekit does: negative dropped values become -0.0), L1-rescaled if asked.
+
+    `mask` is bool or 0/1 in tensor's dtype; a bool mask multiplies to the same bits without a converted copy."""
+    masked = tensor * (mask if mask.dtype == torch.bool else mask.to(tensor.dtype))
     return l1_rescale(tensor, masked) if rescale else masked
 
 
