@@ -91,7 +91,8 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
         if kernels:
             from merging.kernels import KERNELS  # triton is only imported when a kernel is wanted
 
-            fn = KERNELS.get(task.method)
+            if xs[0].dtype in (torch.float32, torch.bfloat16, torch.float16):  # the kernels have no fp64 path
+                fn = KERNELS.get(task.method)
         out = spec.call(xs, b, task.per_model, task.global_params, generator=gen, fn=fn)
     if tuple(out.shape) != task.shape:
         raise AlloyError(f"tensor {task.name!r}: method {task.method} produced shape {tuple(out.shape)}, expected {task.shape}")
@@ -300,7 +301,11 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
             bar.close()
             writer.close()
         seconds = time.perf_counter() - t0
-        manifest = finalize(plan, tmp, layout, tensor_sha, seed=seed, extra_card=extra_card)
+        from merging.primitives import current_tie_break
+
+        run_info = {"device": device, "kernels": bool(device.startswith("cuda") if kernels is None else kernels),
+                    "tie_break": current_tie_break()}
+        manifest = finalize(plan, tmp, layout, tensor_sha, seed=seed, extra_card=extra_card, run_info=run_info)
         (tmp / JOURNAL).unlink()
         _fsync_dir(tmp)
         if out_dir.exists():  # only reachable with overwrite=True (checked before planning)

@@ -172,7 +172,7 @@ def model_card(plan: Plan, extra: dict | None) -> str:
 
 
 def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict[str, str], *, seed: int,
-                    extra_card: dict | None = None) -> dict:
+                    extra_card: dict | None = None, run_info: dict | None = None) -> dict:
     if len(layout.file_names) > 1:
         index = {"metadata": {"total_size": layout.total_bytes()}, "weight_map": layout.weight_map()}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -192,6 +192,7 @@ def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict
         "config": yaml.safe_load(plan.config.to_yaml()),
         "config_sha256": hashlib.sha256(plan.config.to_yaml().encode()).hexdigest(),
         "seed": seed,
+        **(run_info or {}),  # device, kernels and tie rule: DARE's draws and tied selections depend on them
         "inputs": inputs,
         "outputs": {name: [n for n, _, _ in shard] for name, shard in zip(layout.file_names, layout.shards)},
         "tokenizer_files": tokenizer_files,
