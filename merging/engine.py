@@ -72,9 +72,13 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
     if kernels is None:
         kernels = device.startswith("cuda")
 
+    compute_dtype = task.compute_dtype
+    if compute_dtype is None:  # as mergekit: mixed inputs meet at their promoted dtype
+        for t in inputs + ([base] if base is not None else []):
+            compute_dtype = t.dtype if compute_dtype is None else torch.promote_types(compute_dtype, t.dtype)
+
     def prep(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device, non_blocking=True)
-        return t.to(task.compute_dtype) if task.compute_dtype is not None else t
+        return t.to(device, non_blocking=True).to(compute_dtype)
 
     xs = [prep(t) for t in inputs]
     b = prep(base) if base is not None else None

@@ -219,8 +219,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
             per_model = {"scale": [scale]}
             glob: dict[str, Any] = {}
         else:
-            if len(entries) < spec.min_models:
-                raise ConfigError(f"merge_method: {spec.name} needs at least {spec.min_models} model(s) besides the base; got {len(entries)}")
+            spec.check_models(len(entries), base_entry is not None)
             per_model = {}
             for p, default in spec.per_model.items():
                 vals = []
@@ -232,8 +231,11 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
             for p, default in spec.globals.items():
                 v = params.get(p, out_name, t, None)
                 glob[p] = default if v is None else v
+            for p in sorted(spec.required & set(spec.globals)):
+                if glob.get(p) is None:
+                    raise ConfigError(f"parameters.{p}: method {spec.name!r} needs it (tensor {out_name!r})")
             for p, vals in per_model.items():
-                if any(v is None for v in vals) and spec.per_model[p] is None:
+                if any(v is None for v in vals) and p in spec.required:
                     missing = [str(ref) for (ref, _), v in zip(entries, vals) if v is None]
                     raise ConfigError(f"parameters.{p}: required for model {missing[0]} (tensor {out_name!r})")
         ref_info = ckpts[str(base_ref)].info(base_entry[1]) if base_entry else infos[0][1]

@@ -96,6 +96,10 @@ def test_existing_output_is_refused_then_overwritten_on_request(family_fp32, tmp
     (lambda c, f: c.update(parameters={"densty": 0.5}), ConfigError, "parameters.densty"),
     (lambda c, f: c.update(modelz=[]), ConfigError, "unknown key 'modelz'"),
     (lambda c, f: c.update(tokenizer_source="union"), ConfigError, "union"),
+    (lambda c, f: c.update(merge_method="slerp", base_model=str(f["base"]), slices=None, models=[
+        {"model": str(f["base"])}, {"model": str(f["ft0"])}]), ConfigError, "parameters.t"),
+    (lambda c, f: c.update(merge_method="slerp", base_model=str(f["base"]), slices=None, parameters={"t": 0.5},
+                           models=[{"model": str(f["ft1"])}, {"model": str(f["ft0"])}]), ConfigError, "at most 1"),
 ])
 def test_bad_configs_fail_before_writing(family_fp32, tmp_path, mutate, error, words):
     cfg = passthrough(family_fp32)
