@@ -65,13 +65,34 @@ class ModelSpec(_Strict):
 
 
 class FamilySpec(_Strict):
-    """The demo family built before anything is merged; its members become models named base and <skill>."""
+    """The demo family built before anything is merged; its members become models named base and <skill>.
+
+    kind, out, seed, steps, n_eval and source are `alloy demo-family` flags too (dvc.yaml passes them on).
+    """
 
     kind: Literal["tiny", "smol"]
     out: Optional[str] = None  # default: <paths.models>/<kind>
     seed: int = 0
-    base: Optional[str] = None  # smol: the model (usually a gguf import) the specialists are fine-tuned from
-    options: dict[str, Any] = Field(default_factory=dict)  # passed to the builder as keyword arguments
+    steps: Optional[int] = None  # training steps per specialist (default: the kind's own)
+    n_eval: int = 60  # held-out examples per skill
+    source: Optional[str] = None  # smol: the GGUF the base is imported from (default: the pinned SmolLM2 wheel)
+    skills: Optional[list[str]] = None  # default: every skill
+    base: Optional[str] = None  # smol: a model from `models` to fine-tune instead of importing `source`
+    options: dict[str, Any] = Field(default_factory=dict)  # more builder keyword arguments (flow only)
+
+    def builder_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"n_eval": self.n_eval, **self.options}
+        if self.skills:
+            kw["skills"] = list(self.skills)
+        if self.kind == "tiny":
+            if self.steps is not None:
+                kw["specialist_steps"] = self.steps
+        else:
+            if self.steps is not None:
+                kw["steps"] = self.steps
+            if self.source:
+                kw["source"] = self.source
+        return kw
 
 
 class CandidateSpec(_Strict):
@@ -84,7 +105,6 @@ class CandidateSpec(_Strict):
     model_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)  # {model: {weight, density}}
     dtype: Optional[str] = None
     grid: dict[str, list[Scalar]] = Field(default_factory=dict)  # {param or model.param: [values]}
-    seed: Optional[int] = None
 
     @field_validator("name")
     @classmethod
@@ -115,12 +135,18 @@ class MergeSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    tasks: list[str] = Field(default_factory=lambda: ["skills"])
+    # bundled tasks, the aliases skills / skills_em / skills_mc, or lm-eval task names; a comma-separated string
+    # works too (dvc.yaml can pass a string on, not a list)
+    tasks: Union[str, list[str]] = "skills"
     limit: Optional[Union[int, float]] = None
     batch_size: int = 16
     device: str = "cpu"
     data_dir: Optional[str] = None  # default: the family's data folder
     parents: bool = True  # evaluate the input models too (cached by content), for comparison
+
+    def task_list(self) -> list[str]:
+        items = [self.tasks] if isinstance(self.tasks, str) else self.tasks
+        return [t.strip() for item in items for t in item.split(",") if t.strip()]
 
 
 class QuantSpec(_Strict):
@@ -223,7 +249,7 @@ class Params(_Strict):
 def family_skills(fam: FamilySpec) -> list[str]:
     from alloy.demo.skills import SKILLS
 
-    return list(fam.options.get("skills") or SKILLS)
+    return list(fam.skills or SKILLS)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -258,20 +284,42 @@ def _unknown_keys(data: Any, model: type[BaseModel], where: str, source: str) ->
             _unknown_keys(data.get(key), sub, key, source)
         for name, spec in (data.get("models") or {}).items() if isinstance(data.get("models"), dict) else []:
             _unknown_keys(spec, ModelSpec, f"models.{name}", source)
-        for i, cand in enumerate(data.get("candidates") or []) if isinstance(data.get("candidates"), list) else []:
-            _unknown_keys(cand, CandidateSpec, f"candidates[{i}]", source)
+        for cand in data.get("candidates") or [] if isinstance(data.get("candidates"), list) else []:
+            _unknown_keys(cand, CandidateSpec, f"candidates.{cand.get('name', '?')}" if isinstance(cand, dict) else "candidates", source)
+
+
+def _candidates_as_list(data: dict) -> tuple[dict, list[str] | None]:
+    """`candidates` may be a mapping {name: spec} (dvc.yaml's foreach names its stages by these keys)."""
+    cands = data.get("candidates")
+    if not isinstance(cands, dict):
+        return data, None
+    items = []
+    for name, spec in cands.items():
+        if spec is not None and not isinstance(spec, dict):
+            raise ConfigError(f"candidates.{name}: expected a mapping, got {type(spec).__name__}")
+        if spec and "name" in spec and spec["name"] != name:
+            raise ConfigError(f"candidates.{name}.name: {spec['name']!r} differs from its key; leave it out")
+        items.append({**(spec or {}), "name": str(name)})
+    return {**data, "candidates": items}, [str(k) for k in cands]
 
 
 def parse_params(data: Any, root: str | os.PathLike = ".", source: str = "params") -> Params:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    data, keys = _candidates_as_list(data)
     _unknown_keys(data, Params, "", source)
     try:
         params = Params.model_validate(data)
     except ValidationError as e:
         err = min(e.errors(), key=lambda er: -len(er["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{source}: {_loc(err['loc'])}: {msg}") from None
+        where = _loc(err["loc"])
+        if keys:  # say candidates.ta, as the file does, not candidates[0]
+            where = re.sub(r"^candidates\[(\d+)\]", lambda m: f"candidates.{keys[int(m.group(1))]}", where)
+        sub = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg)
+        if sub and where != "(top level)":  # a validator naming a key below the one pydantic reports
+            where, msg = f"{where}.{sub.group(1)}", sub.group(2)
+        raise ConfigError(f"{source}: {where}: {msg}") from None
     params.root = Path(root).resolve()
     expand_candidates(params, source=source)  # a bad candidate fails at load time, not half-way through a run
     return params
@@ -440,7 +488,7 @@ def expand_candidates(params: Params, source: str = "params") -> list[Candidate]
     known = params.all_models()
     out: list[Candidate] = []
     for i, c in enumerate(params.candidates):
-        where = f"candidates[{i}] ({c.name})"
+        where = f"candidates.{c.name}"
         keys = list(c.grid)
         points = [dict(zip(keys, combo)) for combo in itertools.product(*(c.grid[k] for k in keys))] or [{}]
         for point in points:
@@ -448,8 +496,7 @@ def expand_candidates(params: Params, source: str = "params") -> list[Candidate]
             for k, v in point.items():
                 _set_grid_value(cfg, k, v, where)
             name = c.name + "".join(f"-{k.replace('.', '_')}{_slug(v)}" for k, v in point.items())
-            cand = Candidate(name=name, group=c.name, config=cfg, point=point,
-                             seed=params.merge.seed if c.seed is None else c.seed)  # fmt: skip
+            cand = Candidate(name=name, group=c.name, config=cfg, point=point, seed=params.merge.seed)
             parse_config(cfg, f"{source}: {where}")
             missing = [p for p in cand.parents() if p not in known and not Path(p).expanduser().exists()
                        and "/" not in p]  # fmt: skip

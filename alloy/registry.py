@@ -143,7 +143,7 @@ def current_champion(tracking_uri: str, name: str, metric: str) -> dict[str, Any
     score = mv.tags.get(_score_tag(metric))
     if score is None and mv.run_id:  # versions registered before this metric was chosen: read their run
         score = c.get_run(mv.run_id).data.metrics.get(metric)
-    return {"version": mv.version, "score": float(score) if score is not None else None, "run_id": mv.run_id}
+    return {"version": str(mv.version), "score": float(score) if score is not None else None, "run_id": mv.run_id}
 
 
 def _beats(new: float, old: float | None, higher_is_better: bool) -> bool:
@@ -193,5 +193,5 @@ def register_candidate(tracking_uri: str, name: str, run_id: str, *, metric: str
                   f"({metric} {score:.4g} does not beat {before['score']:.4g})")  # fmt: skip
         won = False
     c.set_tag(run_id, "alloy.registration", reason)
-    c.set_tag(run_id, "alloy.model_version", mv.version)
+    c.set_tag(run_id, "alloy.model_version", str(mv.version))
     return Registration(True, version=str(mv.version), champion=won, reason=reason, previous_champion=before or {})

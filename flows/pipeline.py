@@ -149,7 +149,7 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
         family = None
         if params.family:
             fam = params.family
-            family = demo_family.submit(fam.kind, str(params.family_dir()), fam.seed, fam.options,
+            family = demo_family.submit(fam.kind, str(params.family_dir()), fam.seed, fam.builder_kwargs(),
                                         models.get(fam.base) if fam.base else None, tracking=track).result()  # fmt: skip
             members = {"base": family["base"], **family["specialists"]}
             for n, s in all_models.items():
@@ -165,7 +165,7 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
             data_dir / "heldout.txt" if data_dir else None)  # fmt: skip
         if params.quant.enabled and (texts_file is None or not texts_file.is_file()):
             raise_error(f"quant.texts: no held-out text file ({texts_file or 'no family and no quant.texts'})")
-        ev = {"tasks": params.eval.tasks, "limit": params.eval.limit, "batch_size": params.eval.batch_size,
+        ev = {"tasks": params.eval.task_list(), "limit": params.eval.limit, "batch_size": params.eval.batch_size,
               "device": params.eval.device, "data_dir": str(data_dir) if data_dir else None, "cache_dir": eval_cache}
 
         # 3. parents' scores (each candidate is compared with them), cached by content

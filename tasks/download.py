@@ -13,6 +13,7 @@ Every file's sha256 is recorded (cached by path, size, mtime and inode) and chec
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -100,6 +101,14 @@ def resolve_model(name: str, spec: dict, *, root: str | Path, models_dir: str | 
         path = Path(family_members[member])
     path = Path(path).resolve()
     _check_checkpoint(name, path)
+    if "gguf" not in info and (path / "alloy_source.json").is_file():  # a GGUF import made elsewhere (the family)
+        try:
+            src = json.loads((path / "alloy_source.json").read_text())
+            info["gguf"] = {"sha256": src["source"]["sha256"], "quant_type": src["gguf"]["file_type"],
+                            "package": src["source"].get("package"), "version": src["source"].get("version"),
+                            "license": src.get("license"), "base_model": src.get("base_model")}  # fmt: skip
+        except (ValueError, KeyError, TypeError):
+            pass
     digests = file_digests(path)
     for fname, want in (spec.get("sha256") or {}).items():
         if fname not in digests:

@@ -111,7 +111,7 @@ def test_flow_end_to_end_and_rerun(tmp_path, tiny_family_dir):
     best = min(ppl, key=ppl.get)
     champ = c.get_model_version_by_alias("tiny-merge", "champion")
     assert champ.run_id == best
-    assert summary["champion"]["version"] == champ.version
+    assert summary["champion"]["version"] == str(champ.version)
 
     # --- comparison table: printed and logged on the parent run
     table = Path(c.download_artifacts(parent.info.run_id, "comparison.md", str(tmp_path))).read_text()
