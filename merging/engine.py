@@ -33,6 +33,9 @@ from merging.plan import Plan, TensorTask, build_plan
 
 JOURNAL = "alloy_journal.json"
 PREFETCH_BYTES = 768 * 1024**2  # inputs read ahead of the computing task
+CHUNK = 1 << 22  # elements per slice for element-wise methods
+# methods whose output element i depends on input elements i alone (no norms, thresholds or random streams)
+ELEMENTWISE = frozenset({"linear", "task_arithmetic", "nearswap", "passthrough"})
 
 
 @dataclass
@@ -97,10 +100,27 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
 
             if xs[0].dtype in (torch.float32, torch.bfloat16, torch.float16):  # the kernels have no fp64 path
                 fn = KERNELS.get(task.method)
-        out = spec.call(xs, b, task.per_model, task.global_params, generator=gen, fn=fn)
+        if fn is None and task.method in ELEMENTWISE and xs[0].numel() > 2 * CHUNK:
+            out = _chunked(spec, xs, b, task)
+        else:
+            out = spec.call(xs, b, task.per_model, task.global_params, generator=gen, fn=fn)
     if tuple(out.shape) != task.shape:
         raise AlloyError(f"tensor {task.name!r}: method {task.method} produced shape {tuple(out.shape)}, expected {task.shape}")
     return out.to(task.dtype).cpu()
+
+
+def _chunked(spec, xs: list[torch.Tensor], b: torch.Tensor | None, task: TensorTask) -> torch.Tensor:
+    """An element-wise method over slices of the flattened tensors: each element's arithmetic is unchanged (same
+    bytes), while the method's float32 temporaries shrink from the whole tensor to one slice — less memory traffic
+    and a lower peak RSS."""
+    flat = [x.reshape(-1) for x in xs]
+    fb = b.reshape(-1) if b is not None else None
+    pieces = []
+    for start in range(0, flat[0].numel(), CHUNK):
+        sl = slice(start, start + CHUNK)
+        pieces.append(spec.call([x[sl] for x in flat], fb[sl] if fb is not None else None, task.per_model,
+                                task.global_params))
+    return torch.cat(pieces).reshape(xs[0].shape)
 
 
 def _load(plan: Plan, task: TensorTask) -> tuple[list[torch.Tensor], torch.Tensor | None]:

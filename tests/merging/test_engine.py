@@ -296,3 +296,21 @@ def test_dare_same_seed_same_bytes_other_seed_differs(family_bf16, tmp_path):
     kept = (out[name] != base[name]) & moved
     frac = kept.sum().item() / moved.sum().item()
     assert abs(frac - 0.4) < 0.03, frac
+
+
+@pytest.mark.parametrize("method, params", [("linear", {"weight": [0.3, 0.9]}),
+                                            ("task_arithmetic", {"weight": [0.7, 0.4]})])
+def test_chunked_elementwise_methods_give_identical_bytes(monkeypatch, method, params):
+    from merging import engine
+    from merging.plan import TensorTask
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(301, 77, generator=g).to(torch.bfloat16) for _ in range(2)]
+    base = torch.randn(301, 77, generator=g).to(torch.bfloat16) if method != "linear" else None
+    glob = {"normalize": True} if method == "linear" else {"lambda": 0.8, "normalize": False}
+    task = TensorTask("w", method, [(0, "w"), (1, "w")], (2, "w") if base is not None else None, params, glob,
+                      torch.bfloat16, (301, 77), None)
+    whole = engine.compute_tensor(task, xs, base, seed=0)
+    monkeypatch.setattr(engine, "CHUNK", 1000)
+    chunked = engine.compute_tensor(task, xs, base, seed=0)
+    assert torch.equal(whole.view(torch.int16), chunked.view(torch.int16))
