@@ -233,6 +233,20 @@ def test_fp16_emulation_matches_native_fp16(tiny):
     assert emu.agree == pytest.approx(nat.agree, abs=2)
 
 
+def test_embeddings_optional_and_weights_restored(tiny):
+    model, tok = Q._load(tiny)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    windows = Q._windows(tok, HELD_OUT, 64, 64)
+    ref_pass, ref = Q._run(model, windows, None, keep=True)
+    v = Q._Verdict(Q.resolve_thresholds(None))
+    worst, errors = Q._quant_stage(v, model, windows, ref, ref_pass, None, True, 3)
+    assert set(errors) >= {"model.embed_tokens.weight", "lm_head.weight"} and len(errors) == 16
+    assert len(worst["int4"]) == 3
+    for n, p in model.named_parameters():  # the check must hand back the model it was given
+        assert torch.equal(p, before[n]), n
+    assert Q._quant_targets(model, False) and len(Q._quant_targets(model, False)) == 14
+
+
 def test_thresholds_override(tiny, good_report):
     # A healthy model fails when the bar is set above what int4 can do, and the reason names the metric.
     r = Q.quant_check(tiny, HELD_OUT, {"int4_kl_max": good_report.metrics["int4_kl"] / 2}, max_tokens=256)
@@ -338,3 +352,15 @@ def test_cli_pass_fail_json(tiny, tmp_path, capsys):
     assert alloy(["quant-check", str(tiny), "--thresholds", "int8_kl=1"]) == 2
     assert "unknown key 'int8_kl'" in capsys.readouterr().err
     assert alloy(["quant-check", str(tiny), "--text", str(tmp_path / "missing.txt")]) == 2
+
+
+def test_tied_embeddings_quantised_once():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    names = [n for n, _ in Q._quant_targets(model, True)]
+    assert len(names) == 8 and sum(n in ("model.embed_tokens.weight", "lm_head.weight") for n in names) == 1
+    assert len(Q._quant_targets(model, False)) == 7
