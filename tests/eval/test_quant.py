@@ -208,13 +208,16 @@ def test_fp16_overflow_fails_naming_the_module(tiny, tmp_path):
         t[bad + ".weight"] = t[bad + ".weight"] * 1e7
 
     # scale_ratio would catch this first; switch it off to see the fp16 pass catch it on its own
-    r = Q.quant_check(
-        _edit(tiny, tmp_path / "big", blow_up), HELD_OUT, {"scale_ratio_max": 1e12}, max_tokens=64
-    )
-    assert not r.passed
-    fp16 = [line for line in r.reasons if line.startswith("fp16")]
-    assert fp16 and bad in fp16[0], r.reasons
-    assert r.metrics["max_activation"] > Q.FP16_MAX
+    big = _edit(tiny, tmp_path / "big", blow_up)
+    for mode in ("native", "emulated"):
+        r = Q.quant_check(big, HELD_OUT, {"scale_ratio_max": 1e12}, max_tokens=64, fp16=mode)
+        assert not r.passed
+        fp16 = [line for line in r.reasons if line.startswith("fp16")]
+        assert fp16 and bad in fp16[0], (mode, r.reasons)
+        assert r.metrics["max_activation"] > Q.FP16_MAX
+        assert r.metrics["int8_kl"] < 0.02  # fp32 quantisation metrics stay healthy: only fp16 sees it
+    with pytest.raises(ConfigError, match="fp16"):
+        Q.quant_check(tiny, HELD_OUT, fp16="bf16")
 
 
 def test_fp16_emulation_matches_native_fp16(tiny):
