@@ -188,10 +188,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_bytes(text.encode())
 
 
-def heldout_documents(seed: int = 0, n_docs: int = 12, per_doc: int = 8) -> list[str]:
-    """Short documents of answered eval prompts from every skill, interleaved, for perplexity."""
-    per_skill = {s: make_examples(s, "eval", n_docs * per_doc // len(SKILLS) + 1, seed=seed + 1000) for s in SKILLS}
-    lines = [per_skill[s][i]["text"] for i in range(n_docs * per_doc // len(SKILLS) + 1) for s in SKILLS]
+def heldout_documents(seed: int = 0, n_docs: int = 48, per_doc: int = 1) -> list[str]:
+    """Documents of answered eval prompts from every skill, interleaved, for perplexity.
+
+    One answered prompt per document by default: short enough for the tiny family's 64-token context, so the
+    perplexity measures the model rather than how lm-eval cuts long texts into windows.
+    """
+    n_lines = n_docs * per_doc
+    per_skill = {s: make_examples(s, "eval", n_lines // len(SKILLS) + 1, seed=seed + 1000) for s in SKILLS}
+    lines = [per_skill[s][i]["text"] for i in range(n_lines // len(SKILLS) + 1) for s in SKILLS]
     return ["\n".join(lines[i * per_doc : (i + 1) * per_doc]) for i in range(n_docs)]
 
 

@@ -1,0 +1,224 @@
+"""lm-eval glue: evaluate a local Hugging Face checkpoint on the bundled skills or any lm-eval task.
+
+Bundled tasks (``eval.skills.BUNDLED_TASKS``) are generated YAMLs over local JSONL, loaded with
+``TaskManager(include_path=..., include_defaults=False)`` (skipping the index of ~14,700 built-in tasks halves the
+start-up). Any other task name goes to lm-eval's own registry, and only then are the defaults indexed.
+
+Results are cached per task in ``cache_dir`` under a key of (model content hash, task fingerprint, limit), so the
+parents of many merges are evaluated once. The model hash covers the weight files, config and tokenizer: two
+folders with the same bytes share their cache entries wherever they lie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from eval import skills as bundled
+from merging.errors import InputError
+
+CACHE_VERSION = 1
+_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ALLOY_EVAL_CACHE", Path.home() / ".cache" / "alloy" / "eval"))
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """sha256 over the weight files, config and tokenizer files (names and digests), in name order.
+
+    Digests come from ``merging.hashing.file_sha256``, cached by (path, size, mtime, inode): hashing a parent
+    again for the next merge's comparison costs nothing.
+    """
+    from merging.hashing import file_sha256
+
+    root = Path(model_dir)
+    files = sorted(p for p in root.iterdir() if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _MODEL_FILES))
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
+        raise InputError(f"{root}: no weight files (*.safetensors or *.bin) to evaluate")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + file_sha256(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def default_data_dir(cache_dir: Path) -> Path:
+    """The bundled skills' data for seed 0, written once (deterministic bytes, so writing again is harmless)."""
+    from alloy.demo.skills import write_skill_data
+
+    out = cache_dir / "skill-data-seed0"
+    if not (out / "heldout.jsonl").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=".skill-data-", dir=cache_dir))
+        write_skill_data(tmp, seed=0)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process wrote it first: same bytes
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _task_key(mhash: str, task: str, fingerprint: str, limit: int | float | None) -> str:
+    blob = json.dumps([CACHE_VERSION, mhash, task, fingerprint, limit], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _read_cache(path: Path) -> dict[str, float] | None:
+    try:
+        return json.loads(path.read_text())["metrics"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write_cache(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _metrics_of(task_result: dict) -> dict[str, float]:
+    """lm-eval's ``{"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...}`` -> ``{"acc": 0.5, "acc_stderr": 0.1}``."""
+    out: dict[str, float] = {}
+    for key, value in task_result.items():
+        if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        name = key.split(",", 1)[0]
+        if not math.isnan(float(value)):
+            out[name] = float(value)
+    return out
+
+
+def _run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path | None, with_defaults: bool, *,
+                 limit, batch_size: int, device: str) -> dict[str, dict[str, float]]:  # fmt: skip
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=with_defaults)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        raise InputError(f"task {unknown[0]!r}: unknown to lm-eval and not a bundled task ({', '.join(bundled.BUNDLED_TASKS)})")
+    res = lm_eval.simple_evaluate(
+        model="hf",
+        # A dict, not "pretrained=...,dtype=...": a path with a comma would split the string form.
+        model_args={"pretrained": str(model_dir), "dtype": "float32"},
+        tasks=tasks,
+        task_manager=tm,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        log_samples=False,
+        bootstrap_iters=0,  # standard errors of means are analytic; bootstrapping perplexity is slow and unused
+    )
+    if res is None:  # only on non-zero ranks of a distributed run
+        return {}
+    return {t: _metrics_of(res["results"].get(t, {})) for t in tasks}
+
+
+def evaluate(
+    model_dir: str | Path,
+    tasks: list[str] | tuple[str, ...] = ("skills",),
+    *,
+    limit: int | float | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Scores of one checkpoint: ``{task: {metric: value}}`` (metric names without lm-eval's filter suffix).
+
+    ``tasks`` may name bundled tasks, the aliases ``skills``/``skills_em``/``skills_mc``, or any lm-eval task.
+    ``data_dir`` holds the skills' JSONL (``alloy.demo.skills.write_skill_data``); by default seed-0 data is
+    written into the cache folder. Cached tasks are not run again.
+    """
+    return evaluate_detailed(model_dir, tasks, limit=limit, batch_size=batch_size, device=device, data_dir=data_dir,
+                             cache_dir=cache_dir, use_cache=use_cache)["scores"]  # fmt: skip
+
+
+def evaluate_detailed(
+    model_dir: str | Path,
+    tasks: list[str] | tuple[str, ...] = ("skills",),
+    *,
+    limit: int | float | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+) -> dict:
+    """Like ``evaluate``, plus provenance: ``{"scores", "model_hash", "cached": [task...], "seconds"}``."""
+    t0 = time.perf_counter()
+    model = Path(model_dir).resolve()
+    if not (model / "config.json").is_file():
+        raise InputError(f"{model}: not a Hugging Face checkpoint folder (no config.json)")
+    if limit is not None and (limit <= 0 or (isinstance(limit, float) and limit > 1)):
+        raise InputError(f"--limit {limit}: must be a positive count, or a fraction in (0, 1]")
+    names = bundled.expand_tasks(list(tasks))
+    if not names:
+        raise InputError("tasks: none given")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    ours = [t for t in names if t in bundled.BUNDLED_TASKS]
+    theirs = [t for t in names if t not in bundled.BUNDLED_TASKS]
+    data = Path(data_dir).resolve() if data_dir else (default_data_dir(cache) if ours else None)
+    if ours and not data.is_dir():
+        raise InputError(f"{data}: data folder not found")
+
+    mhash = model_hash(model)
+    fingerprints: dict[str, str] = {}
+    for t in ours:
+        f = bundled.data_file(t, data)
+        if not f.is_file():
+            raise InputError(f"{f}: missing data file for task {t!r}")
+        fingerprints[t] = bundled.task_fingerprint(t, data)
+    # lm-eval's own tasks: the version of lm-eval stands in for the task's content.
+    import importlib.metadata
+
+    lm_eval_version = importlib.metadata.version("lm_eval")
+    for t in theirs:
+        fingerprints[t] = f"lm-eval=={lm_eval_version}"
+
+    keys = {t: _task_key(mhash, t, fingerprints[t], limit) for t in names}
+    scores: dict[str, dict[str, float]] = {}
+    if use_cache:
+        for t in names:
+            hit = _read_cache(cache / "results" / f"{keys[t]}.json")
+            if hit is not None:
+                scores[t] = hit
+    todo = [t for t in names if t not in scores]
+    if todo:
+        if not [t for t in todo if t not in bundled.BUNDLED_TASKS]:
+            # Local files only: never wait on the network (huggingface_hub and datasets read these at import).
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            os.environ["HF_DATASETS_OFFLINE"] = "1"
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        with tempfile.TemporaryDirectory(prefix="alloy-tasks-") as tdir:
+            todo_ours = [t for t in todo if t in bundled.BUNDLED_TASKS]
+            include = bundled.write_task_yamls(data, tdir, todo_ours) if todo_ours else None
+            t_run = time.perf_counter()
+            fresh = _run_lm_eval(model, todo, include, with_defaults=any(t not in bundled.BUNDLED_TASKS for t in todo),
+                                 limit=limit, batch_size=batch_size, device=device)  # fmt: skip
+            run_seconds = time.perf_counter() - t_run
+        for t in todo:
+            scores[t] = fresh.get(t, {})
+            if scores[t]:
+                _write_cache(cache / "results" / f"{keys[t]}.json", {
+                    "model": str(model), "model_hash": mhash, "task": t, "fingerprint": fingerprints[t],
+                    "limit": limit, "metrics": scores[t], "lm_eval": lm_eval_version,
+                    "seconds_for_batch": round(run_seconds, 2), "batch": todo,
+                })  # fmt: skip
+    return {
+        "scores": {t: scores[t] for t in names},
+        "model_hash": mhash,
+        "cached": [t for t in names if t not in todo],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
