@@ -9,68 +9,6 @@ from pathlib import Path
 
 from merging.errors import ConfigError, InputError
 
-# Held-out prose used when no --text is given: plain English on everyday topics, written for this check.
-DEFAULT_TEXT = """\
-The history of the bicycle begins in the early nineteenth century, when inventors in Europe experimented with \
-two-wheeled machines that riders pushed along with their feet. Over the following decades, pedals, chains and \
-pneumatic tyres turned a curiosity into one of the most efficient means of transport ever devised. Today, hundreds \
-of millions of people ride bicycles to work, to school and for pleasure, and many cities have built lanes to keep \
-cyclists safe from cars.
-
-Water boils at one hundred degrees Celsius at sea level, but at lower temperatures high in the mountains, because \
-the air pressure is lower. This is why cooking pasta at altitude takes longer: the water is not as hot even though \
-it is boiling. Pressure cookers work the other way round, raising the pressure so that water stays liquid above its \
-usual boiling point and food cooks faster.
-
-To write a good function, give it one job, a clear name and as few arguments as it needs. Test the unusual inputs \
-as well as the common ones: empty lists, negative numbers, very long strings. When a bug is found, first write a \
-test that fails because of it, then fix the code and watch the test pass. Small, well-tested pieces are easier to \
-change later than one large block of clever code.
-
-The capital of France is Paris, a city on the river Seine known for its museums, its cafes and the Eiffel Tower, \
-built for the world's fair of 1889. The capital of Italy is Rome, the capital of Spain is Madrid and the capital of \
-Germany is Berlin. Each of these cities has a long history, with buildings from many centuries standing side by side.
-
-A garden needs three things above all: light, water and good soil. Tomatoes and beans want full sun for most of the \
-day, while lettuce and spinach are happy with some shade. Water in the early morning so the leaves dry before \
-evening, and add compost every spring to feed the soil. Most plants grown from seed should be started indoors a few \
-weeks before the last frost, then moved outside once the nights are warm.
-
-The Moon takes about twenty-seven days to travel once around the Earth, and it always shows us the same face. Its \
-gravity pulls on the oceans and raises the tides, which rise and fall twice a day on most coasts. Astronauts first \
-walked on its surface in 1969, bringing back rocks that showed it formed from material thrown out when a large \
-body struck the young Earth.
-
-When you meet someone for the first time, a smile and a simple question go a long way. Ask what they enjoy doing, \
-listen to the answer, and remember a detail or two. Good conversations are not contests: they are a way of finding \
-out how another person sees the world, and often of learning something you did not expect.
-"""
-
-
-def _read_texts(paths: list[str]) -> list[str]:
-    """A .jsonl file gives one text per line (its "text" field, else its string fields joined); any other file is
-    one text."""
-    texts: list[str] = []
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise InputError(f"--text {p}: no such file")
-        if p.suffix == ".jsonl":
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{p}:{i}: invalid JSON ({e.msg})") from None
-                if isinstance(row, dict):
-                    text = row.get("text") or " ".join(str(v) for v in row.values() if isinstance(v, str))
-                else:
-                    text = str(row)
-                texts.append(text)
-        else:
-            texts.append(p.read_text(encoding="utf-8"))
-    return texts
-
 
 def _parse_thresholds(items: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -164,7 +102,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only: never wait on the network
     import torch
 
-    from eval.quant import quant_check, resolve_thresholds
+    from eval.quant import DEFAULT_TEXT, quant_check, read_texts, resolve_thresholds
 
     thresholds = _parse_thresholds(args.thresholds)
     resolve_thresholds(thresholds)  # fail on a bad key before loading anything
@@ -176,7 +114,7 @@ def main(argv: list[str]) -> int:
             raise InputError(f"--baseline {args.baseline}: cannot read a JSON report ({e})") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    texts = _read_texts(args.text) if args.text else [DEFAULT_TEXT]
+    texts = read_texts(args.text) if args.text else [DEFAULT_TEXT]
     report = quant_check(
         args.model_dir, texts, thresholds, max_tokens=args.max_tokens, quantize_embeddings=args.embeddings,
         baseline=baseline, fp16=args.fp16,

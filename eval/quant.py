@@ -42,6 +42,7 @@ On a loaded 2-core machine torch runs far faster with ``torch.set_num_threads(1)
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -148,6 +149,72 @@ def relative_error(w: torch.Tensor, q: torch.Tensor) -> float:
 
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
+
+
+# ------------------------------------------------------------------------------------------------ texts
+
+# Held-out prose for English models when the caller has none: everyday topics, written for this check.
+DEFAULT_TEXT = """\
+The history of the bicycle begins in the early nineteenth century, when inventors in Europe experimented with \
+two-wheeled machines that riders pushed along with their feet. Over the following decades, pedals, chains and \
+pneumatic tyres turned a curiosity into one of the most efficient means of transport ever devised. Today, hundreds \
+of millions of people ride bicycles to work, to school and for pleasure, and many cities have built lanes to keep \
+cyclists safe from cars.
+
+Water boils at one hundred degrees Celsius at sea level, but at lower temperatures high in the mountains, because \
+the air pressure is lower. This is why cooking pasta at altitude takes longer: the water is not as hot even though \
+it is boiling. Pressure cookers work the other way round, raising the pressure so that water stays liquid above its \
+usual boiling point and food cooks faster.
+
+To write a good function, give it one job, a clear name and as few arguments as it needs. Test the unusual inputs \
+as well as the common ones: empty lists, negative numbers, very long strings. When a bug is found, first write a \
+test that fails because of it, then fix the code and watch the test pass. Small, well-tested pieces are easier to \
+change later than one large block of clever code.
+
+The capital of France is Paris, a city on the river Seine known for its museums, its cafes and the Eiffel Tower, \
+built for the world's fair of 1889. The capital of Italy is Rome, the capital of Spain is Madrid and the capital of \
+Germany is Berlin. Each of these cities has a long history, with buildings from many centuries standing side by side.
+
+A garden needs three things above all: light, water and good soil. Tomatoes and beans want full sun for most of the \
+day, while lettuce and spinach are happy with some shade. Water in the early morning so the leaves dry before \
+evening, and add compost every spring to feed the soil. Most plants grown from seed should be started indoors a few \
+weeks before the last frost, then moved outside once the nights are warm.
+
+The Moon takes about twenty-seven days to travel once around the Earth, and it always shows us the same face. Its \
+gravity pulls on the oceans and raises the tides, which rise and fall twice a day on most coasts. Astronauts first \
+walked on its surface in 1969, bringing back rocks that showed it formed from material thrown out when a large \
+body struck the young Earth.
+
+When you meet someone for the first time, a smile and a simple question go a long way. Ask what they enjoy doing, \
+listen to the answer, and remember a detail or two. Good conversations are not contests: they are a way of finding \
+out how another person sees the world, and often of learning something you did not expect.
+"""
+
+
+def read_texts(paths: list[str | Path]) -> list[str]:
+    """Held-out texts from files: a .jsonl file gives one text per line (its "text" field, else its string fields
+    joined by spaces); any other file is one text."""
+    texts: list[str] = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise InputError(f"held-out text {p}: no such file")
+        if p.suffix == ".jsonl":
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{p}:{i}: invalid JSON ({e.msg})") from None
+                if isinstance(row, dict):
+                    text = row.get("text") or " ".join(str(v) for v in row.values() if isinstance(v, str))
+                else:
+                    text = str(row)
+                texts.append(text)
+        else:
+            texts.append(p.read_text(encoding="utf-8"))
+    return texts
+
 
 
 # ------------------------------------------------------------------------------------------------ thresholds
@@ -492,35 +559,34 @@ def _quant_stage(v: _Verdict, model, windows, ref, ref_pass: _Pass, base, quanti
                 p.data = q.to(p.dtype)
                 del q
             acc, _ = _run(model, windows, ref)
-            kl, top1, ppl_ratio = acc.kl / acc.n, acc.agree / acc.n, acc.ppl / ref_pass.ppl
-            v.metrics.update({f"{fmt}_kl": kl, f"{fmt}_top1": top1, f"{fmt}_ppl": acc.ppl, f"{fmt}_ppl_ratio": ppl_ratio})
+            kl, top1, ppl, ppl_ratio = acc.kl / acc.n, acc.agree / acc.n, acc.ppl, acc.ppl / ref_pass.ppl
+            v.metrics.update({f"{fmt}_kl": kl, f"{fmt}_top1": top1, f"{fmt}_ppl": ppl, f"{fmt}_ppl_ratio": ppl_ratio})
             errs = _worst_first([(n, e[fmt]) for n, e in errors.items()])
             worst[fmt] = errs[:worst_k]
             v.metrics[f"{fmt}_max_weight_error"] = errs[0][1] if errs else 0.0
             v.metrics[f"{fmt}_mean_weight_error"] = sum(e for _, e in errs) / len(errs) if errs else 0.0
             v.check_max(f"{fmt}_kl_max", kl, f"{fmt}_kl: mean KL(fp || {fmt})")
             v.check_min(f"{fmt}_top1_min", top1, f"{fmt}_top1: top-1 agreement")
-            v.check_max(
-                f"{fmt}_ppl_ratio_max", ppl_ratio, f"{fmt}_ppl_ratio: perplexity {_fmt(acc.ppl)} / {_fmt(ref_pass.ppl)} ="
-            )
+            what = f"{fmt}_ppl_ratio: perplexity {_fmt(ppl)} / {_fmt(ref_pass.ppl)} ="
+            v.check_max(f"{fmt}_ppl_ratio_max", ppl_ratio, what)
             v.per_tensor(errs, f"{fmt}_weight_error_max", f"{fmt} relative weight error")
             if base is not None:
-                floor = v.th["baseline_kl_floor"]
-                ratio = max(kl, floor) / max(base[f"{fmt}_kl"], floor)
-                drop = base[f"{fmt}_top1"] - top1
-                v.metrics[f"{fmt}_kl_vs_baseline"], v.metrics[f"{fmt}_top1_drop_vs_baseline"] = ratio, drop
-                v.check_max(
-                    "baseline_kl_ratio_max", ratio, f"{fmt}_kl_vs_baseline: KL {_fmt(kl)} / baseline {_fmt(base[f'{fmt}_kl'])} ="
-                )
-                v.check_max(
-                    "baseline_top1_drop_max",
-                    drop,
-                    f"{fmt}_top1_drop_vs_baseline: top-1 {_fmt(top1)} vs baseline {_fmt(base[f'{fmt}_top1'])}, a drop of",
-                )
+                _baseline_stage(v, fmt, kl, top1, base)
     finally:
         for name, p in targets:
             p.data = originals[name]
     return worst, errors
+
+
+def _baseline_stage(v: _Verdict, fmt: str, kl: float, top1: float, base: dict[str, float]) -> None:
+    floor = v.th["baseline_kl_floor"]
+    ratio = max(kl, floor) / max(base[f"{fmt}_kl"], floor)
+    drop = base[f"{fmt}_top1"] - top1
+    v.metrics[f"{fmt}_kl_vs_baseline"], v.metrics[f"{fmt}_top1_drop_vs_baseline"] = ratio, drop
+    what = f"{fmt}_kl_vs_baseline: KL {_fmt(kl)} / baseline {_fmt(base[f'{fmt}_kl'])} ="
+    v.check_max("baseline_kl_ratio_max", ratio, what)
+    what = f"{fmt}_top1_drop_vs_baseline: top-1 {_fmt(top1)} vs baseline {_fmt(base[f'{fmt}_top1'])}, a drop of"
+    v.check_max("baseline_top1_drop_max", drop, what)
 
 
 def _fp16_stage(v: _Verdict, model, windows, ref, mode: str) -> None:

@@ -367,3 +367,16 @@ def test_tied_embeddings_quantised_once():
     names = [n for n, _ in Q._quant_targets(model, True)]
     assert len(names) == 8 and sum(n in ("model.embed_tokens.weight", "lm_head.weight") for n in names) == 1
     assert len(Q._quant_targets(model, False)) == 7
+
+
+def test_read_texts(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("one text\nover two lines")
+    b = tmp_path / "b.jsonl"
+    b.write_text('{"text": "first", "id": "x"}\n\n{"question": "Q: 2+2?", "answer": "4", "n": 3}\n')
+    assert Q.read_texts([a, b]) == ["one text\nover two lines", "first", "Q: 2+2? 4"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2"):
+        Q.read_texts([bad])
+    assert "Paris" in Q.DEFAULT_TEXT
