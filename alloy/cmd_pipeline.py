@@ -42,7 +42,11 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=["thread", "dask"], default=None, help="task runner (default: params.runner)")
     p.add_argument("--dask-address", default=None, help="run candidates on this Dask scheduler (tcp://host:8786)")
     p.add_argument("--write-configs", metavar="DIR", default=None,
-                   help="only write each candidate's mergekit YAML to DIR/<candidate group>/<name>.yml (for DVC) and exit")
+                   help="only write each candidate's mergekit YAML to DIR/<candidate>/<merge>.yml and the quantisation "
+                   "check's arguments (what dvc.yaml's stages read), then exit")  # fmt: skip
+    p.add_argument("--summarize", metavar="RESULTS", default=None,
+                   help="only collect the eval and quant-check JSON that dvc.yaml's stages wrote under RESULTS into "
+                   "RESULTS/summary.json and RESULTS/comparison.md, then exit")  # fmt: skip
     return p
 
 
@@ -94,9 +98,96 @@ def write_configs(params_path: str, overrides: list[str], out_dir: str) -> list[
         f.write_text(f"# candidate {c.name} ({c.run_name()}), seed {c.seed}; written by `alloy run --write-configs`\n"
                      + yaml.safe_dump(cfg, sort_keys=False))  # fmt: skip
         written.append(out / c.group / f.name)
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, text in _quant_args(params, where).items():
+        (tmp / name).write_text(text + "\n")
     shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out) if tmp.exists() else out.mkdir(parents=True)
+    tmp.rename(out)
     return written
+
+
+def _quant_args(params, where) -> dict[str, str]:
+    """`alloy quant-check` arguments equal to what the flow passes eval.quant.quant_check."""
+    q = params.quant
+    if q.texts:
+        texts = q.texts
+    elif params.family_dir() is not None:
+        texts = os.path.relpath(params.family_dir() / "data" / "heldout.jsonl", params.root)
+    else:
+        from merging.errors import ConfigError
+
+        raise ConfigError("quant.texts: no held-out text file (and no family whose data/heldout.jsonl to use)")
+    common = f"--text {texts} --max-tokens {q.max_tokens}"
+    if q.thresholds:
+        common += " --thresholds " + " ".join(f"{k}={v}" for k, v in q.thresholds.items())
+    base_dir = where(q.baseline) if q.baseline else ""
+    baseline = os.path.join(params.paths.results, "quant", "baseline.json")
+    return {
+        "quant.args": common + (f" --baseline {baseline}" if base_dir else ""),
+        "quant-baseline.args": common,
+        "quant-baseline.dir": base_dir,
+    }
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def summarize(params_path: str, overrides: list[str], results: str) -> str:
+    """dvc.yaml's last stage: the flow's comparison, from the JSON files the eval and quant-check stages wrote.
+
+    Writes RESULTS/summary.json (the metrics file of `dvc metrics show/diff`: per model, the task scores and the
+    derived metrics the flow logs to MLflow) and RESULTS/comparison.md (the flow's table)."""
+    import json
+
+    from alloy.pipeline_params import expand_candidates, load_params
+    from flows.table import build_rows, render
+    from alloy.pipeline_params import derived_metrics, primary_scores
+
+    params = load_params(params_path, overrides)
+    res = Path(results)
+    models = params.all_models()
+    parents: dict[str, dict] = {}
+    own_skill: dict[str, dict[str, float]] = {}
+    for f in sorted((res / "eval-parents").glob("*.json")):
+        doc = _read_json(f) or {}
+        name = f.stem
+        spec = models.get(name)
+        skill = spec.skill if spec else None
+        parents[name] = {"source": name, "skill": skill, "scores": doc.get("scores", {}),
+                         "metrics": derived_metrics(doc.get("scores", {}))}  # fmt: skip
+        if skill:
+            own_skill[skill] = primary_scores(doc.get("scores", {}))
+    cands: dict[str, dict] = {}
+    for c in expand_candidates(params, source=params_path):
+        ev = _read_json(res / "eval" / c.group / f"{c.name}.json")
+        q = _read_json(res / "quant" / c.group / f"{c.name}.json")
+        entry: dict = {"run_name": c.run_name(), "quant": q, "metrics": {}}
+        if ev is None:
+            entry["error"] = f"no eval results at {res / 'eval' / c.group / (c.name + '.json')}"
+        else:
+            entry["scores"] = ev.get("scores", {})
+            entry["metrics"] = derived_metrics(entry["scores"], own_skill)
+        cands[c.name] = entry
+    tasks = list(dict.fromkeys(t for e in [*parents.values(), *cands.values()] for t in e.get("scores", {})))
+    table = render(build_rows(parents, cands, tasks))
+    metric = params.champion.metric
+    ok = {n: e["metrics"][metric] for n, e in cands.items()
+          if metric in e["metrics"] and (e["quant"] is None or e["quant"].get("passed"))}  # fmt: skip
+    best = (max if params.champion.higher_is_better else min)(ok, key=ok.get) if ok else None
+    summary = {
+        "candidates": {n: {**e["metrics"], "quant_passed": (e["quant"] or {}).get("passed")} for n, e in cands.items()},
+        "parents": {n: e["metrics"] for n, e in parents.items()},
+        "best": {"metric": metric, "candidate": best, "score": ok.get(best) if best else None},
+    }
+    (res / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (res / "comparison.md").write_text(table + "\n")
+    return table
 
 
 def _where_to_look(summary: dict) -> str:
@@ -119,6 +210,10 @@ def run(argv: list[str]) -> int:
     if args.write_configs:
         for f in write_configs(args.params, args.overrides, args.write_configs):
             print(f)
+        return 0
+    if args.summarize:
+        table = summarize(args.params, args.overrides, args.summarize)
+        print(table)
         return 0
     from alloy.pipeline_params import load_params
 

@@ -151,8 +151,13 @@ class EvalSpec(_Strict):
 
 class QuantSpec(_Strict):
     enabled: bool = True
-    texts: Optional[str] = None  # a text file (documents split on blank lines); default: the family's heldout.txt
+    # held-out text: a .jsonl file (one document per line, "text" field) or a plain text file (one document);
+    # default: the family's data/heldout.jsonl
+    texts: Optional[str] = None
     max_tokens: int = 1024
+    # a model (from `models`) whose own report every merge is compared with: a merge may be more fragile than
+    # that model only within baseline_kl_ratio_max / baseline_top1_drop_max
+    baseline: Optional[str] = None
     thresholds: dict[str, float] = Field(default_factory=dict)
     block_registration: bool = True
 
@@ -206,6 +211,9 @@ class Params(_Strict):
         for name in self.models:
             if not NAME_RE.match(name):
                 raise ValueError(f"models.{name}: use letters, digits, '_', '.', '-'")
+        if self.quant.baseline and self.quant.baseline not in self.all_models():
+            raise ValueError(f"quant.baseline: {self.quant.baseline!r} is not one of the models "
+                             f"({', '.join(self.all_models())})")  # fmt: skip
         if self.family and self.family.base and self.family.base not in self.models:
             raise ValueError(f"family.base: {self.family.base!r} is not one of models ({', '.join(self.models)})")
         names = [c.name for c in self.candidates]
@@ -508,6 +516,43 @@ def expand_candidates(params: Params, source: str = "params") -> list[Candidate]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"{source}: candidates: two merges are both named {dup[0]!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------- metrics a champion is chosen by
+
+
+def primary_scores(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{task: the number a table shows} (exact match, accuracy, perplexity; the first metric otherwise)."""
+    from eval.compare import primary_metric
+
+    out = {}
+    for t, m in scores.items():
+        key = primary_metric(t, m)
+        if key and key in m:
+            out[t] = float(m[key])
+    return out
+
+
+def derived_metrics(scores: dict[str, dict[str, float]], own_skill: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+    """Task scores plus `mean_em`, `mean_mc` and, given each specialist's own-skill scores
+    ({skill: {task: score}}), `retained.<task>` (merge / specialist) and `min_retained_em` / `min_retained_mc`."""
+    prim = primary_scores(scores)
+    out = dict(prim)
+    for kind in ("em", "mc"):
+        vals = [v for t, v in prim.items() if t.endswith(f"_{kind}")]
+        if vals:
+            out[f"mean_{kind}"] = sum(vals) / len(vals)
+    for kind in ("em", "mc"):
+        ratios = []
+        for skill, by_task in (own_skill or {}).items():
+            t = f"{skill}_{kind}"
+            ref = by_task.get(t)
+            if t in prim and ref:
+                out[f"retained.{t}"] = prim[t] / ref
+                ratios.append(prim[t] / ref)
+        if ratios:
+            out[f"min_retained_{kind}"] = min(ratios)
     return out
 
 

@@ -25,10 +25,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from alloy import registry
-from alloy.pipeline_params import Candidate, Params, expand_candidates, flat_params, load_params
+from alloy.pipeline_params import (Candidate, Params, derived_metrics, expand_candidates, flat_params, load_params,
+                                   primary_scores)
 from flows.table import build_rows, render
 from tasks.download import download
-from tasks.evaluate import derived_metrics, evaluate, primary_scores
+from tasks.evaluate import evaluate
 from tasks.family import demo_family
 from tasks.merge import merge
 from tasks.quant import quant
@@ -162,7 +163,7 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
         data_dir = params.path(params.eval.data_dir) if params.eval.data_dir else (
             Path(family["data_dir"]) if family else None)  # fmt: skip
         texts_file = params.path(params.quant.texts) if params.quant.texts else (
-            data_dir / "heldout.txt" if data_dir else None)  # fmt: skip
+            data_dir / "heldout.jsonl" if data_dir else None)  # fmt: skip
         if params.quant.enabled and (texts_file is None or not texts_file.is_file()):
             raise_error(f"quant.texts: no held-out text file ({texts_file or 'no family and no quant.texts'})")
         ev = {"tasks": params.eval.task_list(), "limit": params.eval.limit, "batch_size": params.eval.batch_size,
@@ -179,6 +180,17 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
                     "alloy.role": "parent", "alloy.model": n, "alloy.source": models[n]["source"],
                     "alloy.digest": models[n]["digest"]})  # fmt: skip
                 parent_futs[n] = evaluate.submit(n, models[n]["path"], **ev, tracking={"uri": uri, "run_id": parent_runs[n]})
+
+        # the reference each merge's quantisation sensitivity is compared with (optional)
+        baseline = None
+        if params.quant.enabled and params.quant.baseline:
+            b = params.quant.baseline
+            baseline, b_err = _outcome(quant.submit(models[b], str(texts_file), params.quant.thresholds,
+                                                    max_tokens=params.quant.max_tokens,
+                                                    cache_dir=str(results_dir / "quant")))  # fmt: skip
+            if b_err:
+                raise_error(f"quant.baseline: the check of {b} failed: {b_err}")
+            registry.log(uri, parent_run, metrics={f"baseline.{k}": v for k, v in baseline["metrics"].items()})
 
         # 4. candidates in parallel: merge -> quant-check -> evaluate
         child: dict[str, str] = {}
@@ -198,7 +210,7 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
                                  shard_size=params.merge.shard_size, dtype=params.merge.dtype,
                                  device=params.merge.device, card=card, tracking=t)  # fmt: skip
             q_fut = (quant.submit(m_fut, str(texts_file), params.quant.thresholds, max_tokens=params.quant.max_tokens,
-                                  cache_dir=str(results_dir / "quant"), tracking=t)
+                                  cache_dir=str(results_dir / "quant"), baseline=baseline, tracking=t)
                      if params.quant.enabled else None)  # fmt: skip
             # evaluate after the quantisation check; the merge folder is known up front
             e_fut = evaluate.submit(c.name, str(merges_dir / c.name), **ev, tracking=t, wait_for=[q_fut or m_fut])

@@ -12,43 +12,11 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from alloy.pipeline_params import derived_metrics, primary_scores
+
 # lm-eval keeps task registries in module globals: two evaluations in one process at once are not safe.
 # Threads of one process take turns; Dask workers are separate processes and run side by side.
 _LM_EVAL_LOCK = threading.Lock()
-
-
-def primary_scores(scores: dict[str, dict[str, float]]) -> dict[str, float]:
-    """{task: the number a table shows} (exact match, accuracy, perplexity; the first metric otherwise)."""
-    from eval.skills import PRIMARY_METRIC
-
-    out = {}
-    for t, m in scores.items():
-        key = PRIMARY_METRIC.get(t) or next((k for k in m if not k.endswith("_stderr")), None)
-        if key and key in m:
-            out[t] = float(m[key])
-    return out
-
-
-def derived_metrics(scores: dict[str, dict[str, float]], own_skill: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
-    """Task scores plus `mean_em`, `mean_mc` and, given each specialist's own-skill scores
-    ({skill: {task: score}}), `retained.<task>` (merge / specialist) and `min_retained_em` / `min_retained_mc`."""
-    prim = primary_scores(scores)
-    out = dict(prim)
-    for kind in ("em", "mc"):
-        vals = [v for t, v in prim.items() if t.endswith(f"_{kind}")]
-        if vals:
-            out[f"mean_{kind}"] = sum(vals) / len(vals)
-    for kind in ("em", "mc"):
-        ratios = []
-        for skill, by_task in (own_skill or {}).items():
-            t = f"{skill}_{kind}"
-            ref = by_task.get(t)
-            if t in prim and ref:
-                out[f"retained.{t}"] = prim[t] / ref
-                ratios.append(prim[t] / ref)
-        if ratios:
-            out[f"min_retained_{kind}"] = min(ratios)
-    return out
 
 
 def evaluate_model(model_dir: str | Path, tasks: list[str], *, limit=None, batch_size: int = 16, device: str = "cpu",
@@ -79,3 +47,4 @@ def evaluate(name: str, model_dir: str, tasks: list[str], *, limit=None, batch_s
                                                                    "eval.seconds": res["seconds"]})  # fmt: skip
         registry.log_artifacts(tracking["uri"], tracking["run_id"], dicts={"eval.json": res})
     return {"name": name, **res}
+

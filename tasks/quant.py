@@ -18,23 +18,35 @@ HEADLINE = ("int8_kl", "int4_kl", "int8_top1", "int4_top1", "int4_ppl_ratio", "m
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """Documents of a text file, split on blank lines."""
-    text = Path(path).read_text()
-    return [d.strip() for d in text.split("\n\n") if d.strip()]
+    """Held-out documents, read as `alloy quant-check --text` reads them (so the flow and dvc.yaml measure the
+    same thing): a .jsonl file gives one document per line (its "text" field), any other file is one document."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        return [path.read_text(encoding="utf-8")]
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out.append(row.get("text") or " ".join(str(v) for v in row.values() if isinstance(v, str))
+                       if isinstance(row, dict) else str(row))  # fmt: skip
+    return out
 
 
-def _key(model_digest: str, texts: list[str], thresholds: dict, max_tokens: int) -> str:
-    blob = json.dumps([model_digest, texts, thresholds, max_tokens], sort_keys=True)
+def _key(model_digest: str, texts: list[str], thresholds: dict, max_tokens: int, baseline: dict | None) -> str:
+    base = (baseline or {}).get("metrics")
+    blob = json.dumps([model_digest, texts, thresholds, max_tokens, base], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def check_model(model_dir: str | Path, texts_file: str | Path, thresholds: dict | None = None, *,
-                max_tokens: int = 1024, model_digest: str | None = None, cache_file: str | Path | None = None) -> dict:
-    """QuantReport.to_dict() plus `cached`; cached in `cache_file` when the model digest is known."""
+                max_tokens: int = 1024, model_digest: str | None = None, cache_file: str | Path | None = None,
+                baseline: dict | None = None) -> dict:
+    """QuantReport.to_dict() plus `cached`; cached in `cache_file` when the model digest is known.
+    `baseline`: another model's report on the same texts (the merge's base): adds the *_vs_baseline checks."""
     from eval.quant import quant_check
 
     texts = read_texts(texts_file)
-    key = _key(model_digest, texts, thresholds or {}, max_tokens) if model_digest else None
+    key = _key(model_digest, texts, thresholds or {}, max_tokens, baseline) if model_digest else None
     if cache_file and key:
         try:
             hit = json.loads(Path(cache_file).read_text())
@@ -42,7 +54,7 @@ def check_model(model_dir: str | Path, texts_file: str | Path, thresholds: dict 
                 return {**hit["report"], "cached": True}
         except (OSError, ValueError, KeyError):
             pass
-    report = quant_check(model_dir, texts, thresholds or {}, max_tokens=max_tokens).to_dict()
+    report = quant_check(model_dir, texts, thresholds or {}, max_tokens=max_tokens, baseline=baseline).to_dict()
     if cache_file and key:
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         Path(cache_file).write_text(json.dumps({"key": key, "report": report}, indent=1, default=str) + "\n")
@@ -51,12 +63,15 @@ def check_model(model_dir: str | Path, texts_file: str | Path, thresholds: dict 
 
 @task(name="quant-check", cache_policy=NO_CACHE)
 def quant(merged: dict, texts_file: str, thresholds: dict, *, max_tokens: int = 1024, cache_dir: str | None = None,
-          tracking: dict | None = None) -> dict:
+          baseline: dict | None = None, tracking: dict | None = None) -> dict:
+    """`merged`: a merge task's result, or a downloaded model ({name, path, digest}) for a baseline report."""
     from prefect import get_run_logger
 
-    cache = Path(cache_dir) / f"{merged['name']}.quant.json" if cache_dir else None
-    rep = check_model(merged["out_dir"], texts_file, thresholds, max_tokens=max_tokens,
-                      model_digest=merged.get("weights_sha256"), cache_file=cache)  # fmt: skip
+    stem = merged["name"] if "out_dir" in merged else f"model-{merged['name']}"  # a merge, or an input model
+    cache = Path(cache_dir) / f"{stem}.quant.json" if cache_dir else None
+    rep = check_model(merged.get("out_dir") or merged["path"], texts_file, thresholds, max_tokens=max_tokens,
+                      model_digest=merged.get("weights_sha256") or merged.get("digest"), cache_file=cache,
+                      baseline=baseline)  # fmt: skip
     log = get_run_logger()
     how = " (cached)" if rep.get("cached") else ""
     if rep["passed"]:
