@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from merging.checks import check_finite, check_nan_policy
 from merging.errors import InputError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -121,11 +122,15 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
 class Checkpoint:
     """A Hugging Face model folder's safetensors weights, read lazily."""
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False):
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, nan_policy: str | None = None):
+        """nan_policy: None reads tensors as they are; "refuse" or "warn" checks each tensor read for NaN/Inf
+        (merging.checks.check_finite) and `nonfinite` lists the tensors that were let through."""
         self.path = Path(path)
         if not self.path.exists():
             raise InputError(f"model path {self.path} does not exist")
         self.allow_pickle = allow_pickle
+        self.nan_policy = None if nan_policy is None else check_nan_policy(nan_policy)
+        self.nonfinite: list[str] = []
         self._pickled: dict[str, torch.Tensor] = {}
         files = self._weight_files(allow_pickle)
         self.tensors: dict[str, TensorInfo] = {}
@@ -147,33 +152,35 @@ class Checkpoint:
             return [p]
         index = p / "model.safetensors.index.json"
         if index.exists():
+            index = model_file(p, index.name)
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
                 raise InputError(f"{index}: invalid index ({e})") from None
-            names = sorted(set(weight_map.values()))
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise InputError(f"{index}: invalid index (weight_map must map tensor names to shard file names)")
             files = []
-            for n in names:
-                f = (p / n).resolve()
-                if p.resolve() not in f.parents:
-                    raise InputError(f"{index}: shard {n!r} points outside the model folder")
-                if not f.exists():
+            for n in sorted(set(weight_map.values())):
+                f = model_file(p, n, what=f"{index.name}: shard")
+                if f is None:
                     raise InputError(f"{index}: shard {n} is missing")
                 files.append(f)
             return files
         single = sorted(p.glob("*.safetensors"))
         if single:
-            for f in single:
-                if p.resolve() not in f.resolve().parents:
-                    raise InputError(f"{f}: symlink points outside the model folder")
-            return single
+            return [model_file(p, f.name) for f in single]
         pickles = sorted(p.glob("*.bin")) + sorted(p.glob("*.pt"))
         if pickles:
             if allow_pickle:
-                return pickles
+                return [model_file(p, f.name) for f in pickles]
             raise InputError(f"{p}: has no safetensors weights, only {pickles[0].name} (pickle checkpoints can run "
                              "code and are refused; pass --allow-pickle to load them with weights_only=True)")
-        raise InputError(f"{p}: has no safetensors weights")
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs:
+            raise InputError(f"{p}: has no safetensors weights, only {ggufs[0].name} (convert it first: "
+                             f"alloy import-gguf {ggufs[0]} OUT_DIR)")
+        raise InputError(f"{p}: has no safetensors weights (expected model.safetensors, or shards listed in "
+                         "model.safetensors.index.json)")
 
     def _load_pickles(self, files: list[Path]) -> None:
         """Pickle checkpoints, only when asked: torch's weights_only unpickler refuses anything but tensors."""
@@ -199,21 +206,55 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         if name in self._pickled:
-            return self._pickled[name].contiguous().clone()
-        return read_tensor(self.info(name))
+            t = self._pickled[name].contiguous().clone()
+        else:
+            t = read_tensor(self.info(name))
+        if self.nan_policy is not None and not check_finite(t, model=str(self.path), tensor=name,
+                                                            policy=self.nan_policy):
+            self.nonfinite.append(name)
+        return t
 
     def files(self) -> list[Path]:
         return sorted({i.file for i in self.tensors.values()})
 
     @property
     def config(self) -> dict:
-        f = self.path / "config.json"
-        if not f.exists():
+        f = model_file(self.path, "config.json") if self.path.is_dir() else None
+        if f is None:
             return {}
         try:
             return json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise InputError(f"{f}: invalid JSON ({e})") from None
+
+
+def input_roots(folder: Path) -> list[Path]:
+    """Where a model folder's files may resolve: inside the folder itself or, for a Hugging Face cache snapshot
+    (models--org--name/snapshots/<commit>/, whose files are links to ../../blobs/), that repository's blobs/."""
+    real = Path(folder).resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def model_file(folder: Path, name: str, *, what: str = "file") -> Path | None:
+    """folder/name if it exists, None if not; InputError when the name or a symlink leads outside the model's
+    input tree (`..`, an absolute path, a link to elsewhere) or to something that is not a regular file."""
+    folder = Path(folder)
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise InputError(f"{folder}: {what} {name!r} is not a plain name inside the model folder; refused")
+    target = folder / name
+    if not target.exists() and not target.is_symlink():
+        return None
+    real = target.resolve()
+    if not any(real == r or r in real.parents for r in input_roots(folder)):
+        how = "a symlink" if target.is_symlink() else "a path"
+        raise InputError(f"{folder}: {what} {name!r} is {how} to {real}, outside the model folder; refused "
+                         "(copy the file into the folder, or point the config at the folder that holds it)")
+    if not real.is_file():
+        raise InputError(f"{folder}: {what} {name!r} is not a regular file")
+    return target
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:  # uncached; see merging.hashing
