@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from merging.checks import check_nan_policy, check_parameter_values, check_task_parameters, current_nan_policy
 from merging.config import InputSlice, MergeConfig, ModelRef, OutputSlice, evaluate
 from merging.errors import ConfigError, InputError
 from merging.hub import looks_like_hub_id
@@ -154,10 +155,18 @@ class _Params:
 
 
 def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, dtype: str | None = None,
-               model_paths: dict[str, Path] | None = None, allow_pickle: bool = False) -> Plan:
-    """Resolve models, read their headers, and lay out every output tensor with its inputs and parameters."""
+               model_paths: dict[str, Path] | None = None, allow_pickle: bool = False,
+               nan_policy: str | None = None) -> Plan:
+    """Resolve models, read their headers, and lay out every output tensor with its inputs and parameters.
+
+    nan_policy: what reading a NaN/Inf input tensor does later, "refuse" or "warn" (default: the policy of the
+    enclosing merging.checks.nan_policy context, itself "refuse").
+    """
     spec = _method(config)
     _check_parameter_names(config, spec)
+    check_parameter_values(config, per_model=set(spec.per_model) if spec else {"scale"},
+                           shared=set(spec.globals) if spec else set())
+    policy = check_nan_policy(nan_policy) if nan_policy is not None else current_nan_policy()
     search = [Path.cwd()] + list(search_paths or [])
     refs = config.referenced_models()
     ckpts: dict[str, Checkpoint] = {}
@@ -167,10 +176,13 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
         if not Path(path).exists() and looks_like_hub_id(ref.path):
             from merging.hub import fetch
 
-            path, _ = fetch(ref.path, ref.revision)
+            try:
+                path, _ = fetch(ref.path, ref.revision)
+            except ValueError as e:  # huggingface_hub's id validation: `org/..` is neither a folder nor a repo
+                raise InputError(f"model {key!r}: not a local folder, and not a valid hub id ({e})") from None
         if not Path(path).exists():
             raise InputError(f"model {key!r}: path {path} does not exist")
-        ckpts[key] = Checkpoint(path, allow_pickle=allow_pickle)
+        ckpts[key] = Checkpoint(path, allow_pickle=allow_pickle, nan_policy=policy)
     layers = {k: num_layers_of(c) for k, c in ckpts.items()}
     models = refs
     index = {str(r): i for i, r in enumerate(models)}
@@ -199,7 +211,10 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
         for ref, name in in_names:
             ck = ckpts[str(ref)]
             if name not in ck:
-                raise InputError(f"tensor {name!r} is missing from model {ref} ({ck.path})")
+                has = next((str(r) for r, n in in_names if n in ckpts[str(r)]), None)
+                raise InputError(f"model {ref}: tensor {name!r} is missing{f', but {has} has it' if has else ''} "
+                                 f"({ck.path}); merged models need the same tensors: is it another architecture, "
+                                 "or a partial or adapter-only checkpoint?")
             if base_ref is not None and str(ref) == str(base_ref):
                 base_entry = (index[str(ref)], name)
             else:
@@ -210,8 +225,14 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
         shape0 = infos[0][1].shape
         for ref, info in infos[1:]:
             if info.shape != shape0:
-                hint = " (vocabulary sizes differ: set tokenizer_source)" if any(h in out_name for h in PRE_HINTS) or "lm_head" in out_name else ""
-                raise InputError(f"tensor {out_name!r}: shape {list(shape0)} in {infos[0][0]} but {list(info.shape)} in {ref}{hint}")
+                vocab = any(h in out_name for h in PRE_HINTS) or "lm_head" in out_name
+                if vocab and len(shape0) == len(info.shape) == 2 and shape0[1] == info.shape[1]:
+                    raise InputError(
+                        f"tensor {out_name!r}: vocabulary sizes differ ({shape0[0]} rows in {infos[0][0]}, "
+                        f"{info.shape[0]} in {ref}); alloy has no tokenizer policy that re-aligns embeddings yet "
+                        "(tokenizer_source only picks the tokenizer files): merge models that share one tokenizer")
+                raise InputError(f"tensor {out_name!r}: shape {list(shape0)} in {infos[0][0]} but {list(info.shape)} "
+                                 f"in {ref}; merged models must have the same shapes (same architecture and size)")
         if spec is None:
             if len(entries) != 1:
                 raise ConfigError(f"passthrough takes exactly one source per slice; {out_name!r} has {len(entries)}")
@@ -238,6 +259,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
                 if any(v is None for v in vals) and p in spec.required:
                     missing = [str(ref) for (ref, _), v in zip(entries, vals) if v is None]
                     raise ConfigError(f"parameters.{p}: required for model {missing[0]} (tensor {out_name!r})")
+            check_task_parameters(spec.name, [str(ref) for ref, _ in entries], per_model, glob, out_name)
         ref_info = ckpts[str(base_ref)].info(base_entry[1]) if base_entry else infos[0][1]
         out_dtype = out_dtype_cfg or compute or ref_info.dtype
         tasks.append(TensorTask(out_name, config.merge_method, [e for _, e in entries], base_entry, per_model,
@@ -253,6 +275,13 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     def sources_for(sl: OutputSlice) -> list[ModelRef]:
         return [s.model for s in sl.sources]
 
+    template_ref = models[template]
+    for m in sources_for(first):
+        _check_no_extra(m, ckpts[str(m)], [n for n in ckpts[str(m)].tensors if _split(n) is None and n not in post],
+                        set(pre), template_ref)
+    for m in sources_for(last):
+        _check_no_extra(m, ckpts[str(m)], [n for n in ckpts[str(m)].tensors if _split(n) is None and n not in pre],
+                        set(post), template_ref)
     for n in pre:
         add(n, [(m, n) for m in sources_for(first)], _Params(config, first), 0.0, first.base_model or base)
 
@@ -275,6 +304,12 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
             suffixes = [(m.group(1), m.group(3)) for nm in ck0.tensors if (m := LAYER_RE.match(nm)) and int(m.group(2)) == in_layer0]
             if not suffixes and layers[str(ref0.model)] > 0:
                 raise InputError(f"model {ref0.model} has no tensors for layer {in_layer0}")
+            ours = {f"{prefix}.{in_layer0}.{suffix}" for prefix, suffix in suffixes}
+            for s in sl.sources[1:]:
+                layer = s.layer_range[0] + k
+                theirs = [nm for nm in ckpts[str(s.model)].tensors if (m := LAYER_RE.match(nm)) and int(m.group(2)) == layer]
+                _check_no_extra(s.model, ckpts[str(s.model)], theirs,
+                                {f"{p}.{layer}.{x}" for p, x in suffixes}, ref0.model, f" (its layer {in_layer0})")
             for prefix, suffix in suffixes:
                 out_name = f"{prefix}.{out_layer}.{suffix}"
                 ins = [(s.model, f"{prefix}.{s.layer_range[0] + k}.{suffix}") for s in sl.sources]
@@ -290,6 +325,17 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
                 total_layers, template)
 
 
+def _check_no_extra(ref: ModelRef, ck: Checkpoint, names: list[str], expected: set[str], template: ModelRef,
+                    where: str = "") -> None:
+    """A tensor only some models have would be dropped without a word: the output follows one model's names."""
+    extra = sorted(n for n in names if n not in expected)
+    if extra and str(ref) != str(template):
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise InputError(f"model {ref}: tensor {extra[0]!r}{more and f' ({more.strip()})'} has no counterpart in {template}{where}, whose "
+                         f"tensor names the output follows, so it would be dropped; merged models need the same "
+                         "tensors (another architecture? tie_word_embeddings differing?)")
+
+
 def _check_architectures(models: list[ModelRef], ckpts: list[Checkpoint]) -> None:
     archs = {}
     for ref, ck in zip(models, ckpts):
@@ -299,4 +345,5 @@ def _check_architectures(models: list[ModelRef], ckpts: list[Checkpoint]) -> Non
     if len(set(known.values())) > 1:
         (m1, a1), (m2, a2) = [(k, v) for k, v in known.items()][:1] + [
             (k, v) for k, v in known.items() if v != next(iter(known.values()))][:1]
-        raise InputError(f"architectures differ: {m1} is {a1} but {m2} is {a2}")
+        raise InputError(f"architectures differ: {m1} is {a1} but {m2} is {a2}; alloy merges models of one "
+                         "architecture (fine-tunes of one base model): pick models of the same family")
