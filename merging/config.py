@@ -8,6 +8,7 @@ down: the model's own parameters in its slice, then the slice's, then the top le
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -194,10 +195,14 @@ def load_config(path: str | Path) -> MergeConfig:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(text)  # the safe loader: no tag can build a Python object or run code
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if isinstance(e, yaml.constructor.ConstructorError) and "tag" in str(getattr(e, "problem", "")):
+            quoted = re.search(r"'([^']*)'", str(e.problem))
+            tag = (quoted.group(1) if quoted else str(e.problem)).replace("tag:yaml.org,2002:", "!!")
+            raise ConfigError(f"{path}:{where}: YAML tag {tag!r} is not allowed (configs are plain data)") from None
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
     return parse_config(data, str(path))
