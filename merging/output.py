@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from merging.config import ModelRef
-from merging.errors import ConfigError
+from merging.errors import ConfigError, InputError
 from merging.hashing import file_sha256
-from merging.io import ShardLayout
+from merging.io import ShardLayout, model_file
 from merging.plan import Plan
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -75,8 +75,24 @@ def _tokenizer_donor(plan: Plan) -> Path:
 
 
 def check_tokenizer_policy(plan: Plan) -> None:
+    """Everything finalize_output will need from the inputs, checked before the merge starts: the tokenizer source,
+    the chat template, and the side files of every model (no link out of its folder, JSON that parses)."""
     _tokenizer_donor(plan)
     _chat_template(plan)
+    check_model_files(plan)
+
+
+SIDE_FILES = TOKENIZER_FILES + ("generation_config.json", "README.md", "alloy_source.json")
+
+
+def check_model_files(plan: Plan) -> None:
+    for ck in plan.checkpoints:
+        if not ck.path.is_dir():
+            continue
+        for name in SIDE_FILES:
+            f = model_file(ck.path, name)
+            if f is not None and name in ("tokenizer_config.json", "alloy_source.json", "generation_config.json"):
+                _read_json(f)
 
 
 def _chat_template(plan: Plan) -> str | None:
@@ -86,13 +102,14 @@ def _chat_template(plan: Plan) -> str | None:
     if tpl == "auto":
         found = []
         for ck in plan.checkpoints:
-            f = ck.path / "tokenizer_config.json"
-            if f.exists():
-                t = json.loads(f.read_text()).get("chat_template")
+            if not ck.path.is_dir():
+                continue
+            if f := model_file(ck.path, "tokenizer_config.json"):
+                t = _read_json(f).get("chat_template")
                 if isinstance(t, str):
                     found.append(t)
-            elif (ck.path / "chat_template.jinja").exists():
-                found.append((ck.path / "chat_template.jinja").read_text())
+            elif f := model_file(ck.path, "chat_template.jinja"):
+                found.append(f.read_text())
         return Counter(found).most_common(1)[0][0] if found else None
     if tpl in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[tpl]
@@ -101,12 +118,21 @@ def _chat_template(plan: Plan) -> str | None:
     return tpl
 
 
+def _read_json(f: Path) -> dict:
+    try:
+        data = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{f}: invalid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
 def copy_tokenizer(plan: Plan, out: Path) -> list[str]:
     donor = _tokenizer_donor(plan)
     copied = []
     for name in TOKENIZER_FILES:
-        if (donor / name).exists():
-            shutil.copyfile(donor / name, out / name)
+        # model_file refuses a link out of the donor's folder: its target would be copied into the output
+        if donor.is_dir() and (f := model_file(donor, name)):
+            shutil.copyfile(f, out / name)
             copied.append(name)
     tpl = _chat_template(plan)
     if tpl is not None:
@@ -126,15 +152,15 @@ def _input_card_facts(plan: Plan) -> tuple[set[str], list[str]]:
     licences: set[str] = set()
     bases: list[str] = []
     for ck in plan.checkpoints:
-        src = ck.path / "alloy_source.json"
-        if src.exists():
-            data = json.loads(src.read_text())
+        if not ck.path.is_dir():
+            continue
+        if src := model_file(ck.path, "alloy_source.json"):
+            data = _read_json(src)
             if data.get("license"):
                 licences.add(data["license"])
             if data.get("base_model"):
                 bases.append(data["base_model"])
-        readme = ck.path / "README.md"
-        if readme.exists():
+        if readme := model_file(ck.path, "README.md"):
             text = readme.read_text(errors="replace")
             if text.startswith("---"):
                 try:
@@ -178,8 +204,8 @@ def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(output_config(plan), indent=2) + "\n")
     template = plan.checkpoints[plan.template_index].path
-    if (template / "generation_config.json").exists():
-        shutil.copyfile(template / "generation_config.json", out / "generation_config.json")
+    if template.is_dir() and (gen := model_file(template, "generation_config.json")):
+        shutil.copyfile(gen, out / "generation_config.json")
     tokenizer_files = copy_tokenizer(plan, out)
     (out / "README.md").write_text(model_card(plan, extra_card))
     inputs = []
@@ -199,6 +225,9 @@ def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict
         "tensors": {name: tensor_sha[name] for name in sorted(tensor_sha)},
         "versions": _versions(),
     }
+    nonfinite = {str(ref): sorted(ck.nonfinite) for ref, ck in zip(plan.models, plan.checkpoints) if ck.nonfinite}
+    if nonfinite:  # only with --nan-policy warn: which inputs held NaN/Inf and were merged anyway
+        manifest["nonfinite_inputs"] = nonfinite
     manifest["weights_sha256"] = hashlib.sha256(json.dumps(manifest["tensors"]).encode()).hexdigest()
     (out / "alloy_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
