@@ -36,17 +36,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tie-break", default="index", choices=["index", "torch"],
                    help="elements tied at a magnitude threshold: keep the first by position (default), or whatever "
                         "torch's sort keeps, as mergekit does (bit-identical to it, slower)")
+    p.add_argument("--nan-policy", default="refuse", choices=["refuse", "warn"],
+                   help="an input tensor holding NaN or Inf: refuse the merge (default), or warn and merge it anyway "
+                        "(recorded in alloy_manifest.json)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    from merging.checks import nan_policy
     from merging.engine import run_merge
 
-    result = run_merge(args.config, args.out_dir, seed=args.seed, device=args.device,
-                       shard_size=parse_size(args.shard_size), dtype=args.dtype, resume=args.resume,
-                       overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
-                       allow_pickle=args.allow_pickle, tie_break=args.tie_break)
+    # the policy travels in a context the planner reads when it opens the checkpoints (as tie_break does)
+    with nan_policy(args.nan_policy):
+        result = run_merge(args.config, args.out_dir, seed=args.seed, device=args.device,
+                           shard_size=parse_size(args.shard_size), dtype=args.dtype, resume=args.resume,
+                           overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
+                           allow_pickle=args.allow_pickle, tie_break=args.tie_break)
     print(result.summary())
     return 0
