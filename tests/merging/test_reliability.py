@@ -237,6 +237,16 @@ def test_vocabulary_size_difference_names_tensor_sizes_and_remedy(family_fp32, t
     assert "share one tokenizer" in msg
 
 
+def test_debug_shows_the_traceback_that_the_one_line_error_hides(family_fp32, tmp_path):
+    cfg = write_cfg(tmp_path, ties(family_fp32, density=7))
+    quiet = subprocess.run(ALLOY + ["merge", str(cfg), str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    loud = subprocess.run(ALLOY + ["--debug", "merge", str(cfg), str(tmp_path / "out")], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "density" in quiet.stderr
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "merging.errors.ConfigError" in loud.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------- NaN and Inf
 
 
@@ -358,3 +368,43 @@ def test_resume_with_a_changed_config_does_not_reuse_old_shards(family_fp32, tmp
     run_merge(second, tmp_path / "ref", progress=False, shard_size=20_000)
     for f in listing(tmp_path / "ref"):
         assert (tmp_path / "ref" / f).read_bytes() == (tmp_path / "out" / f).read_bytes(), f
+
+
+# ------------------------------------------------------------------------------------------------ hub inputs
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_hub_snapshot(cache: Path, repo: str, model: Path) -> None:
+    """The layout huggingface_hub writes: files in blobs/, the snapshot made of links to them."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    (root / "blobs").mkdir()
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(COMMIT)
+    for i, f in enumerate(sorted(model.iterdir())):
+        blob = root / "blobs" / f"blob{i}"
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+
+
+def test_hub_ids_merge_from_the_offline_cache_or_fail_in_one_line(family_bf16, tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    fake_hub_snapshot(tmp_path / "hf", "org/tiny", family_bf16["ft0"])
+    hub = {"merge_method": "linear", "models": [{"model": f"org/tiny@{COMMIT}", "parameters": {"weight": 1.0}},
+                                                {"model": str(family_bf16["ft1"]), "parameters": {"weight": 1.0}}]}
+    run_merge(write_cfg(tmp_path, hub), tmp_path / "hub", progress=False)
+    local = {"merge_method": "linear", "models": [{"model": str(family_bf16["ft0"]), "parameters": {"weight": 1.0}},
+                                                  {"model": str(family_bf16["ft1"]), "parameters": {"weight": 1.0}}]}
+    run_merge(write_cfg(tmp_path, local, "local.yml"), tmp_path / "local", progress=False)
+    for f in sorted((tmp_path / "local").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "hub" / f.name).read_bytes()
+    hub["models"][0]["model"] = f"org/absent@{COMMIT}"
+    with pytest.raises(InputError) as info:
+        run_merge(write_cfg(tmp_path, hub), tmp_path / "out", progress=False)
+    assert "org/absent" in str(info.value) and "not in the local Hugging Face cache" in str(info.value)
+    assert not (tmp_path / "out").exists()
