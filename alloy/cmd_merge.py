@@ -45,14 +45,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    from merging.checks import nan_policy
     from merging.engine import run_merge
 
-    # the policy travels in a context the planner reads when it opens the checkpoints (as tie_break does)
-    with nan_policy(args.nan_policy):
-        result = run_merge(args.config, args.out_dir, seed=args.seed, device=args.device,
-                           shard_size=parse_size(args.shard_size), dtype=args.dtype, resume=args.resume,
-                           overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
-                           allow_pickle=args.allow_pickle, tie_break=args.tie_break)
+    result = run_merge(args.config, args.out_dir, seed=args.seed, device=args.device,
+                       shard_size=parse_size(args.shard_size), dtype=args.dtype, resume=args.resume,
+                       overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
+                       allow_pickle=args.allow_pickle, tie_break=args.tie_break, nan_policy=args.nan_policy)
     print(result.summary())
     return 0

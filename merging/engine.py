@@ -208,6 +208,10 @@ def _layout_key(layout: ShardLayout, plan: Plan, seed: int) -> str:
     h = hashlib.sha256()
     h.update(plan.config.to_yaml().encode())
     h.update(str(seed).encode())
+    for ck in plan.checkpoints:  # a model re-fetched into the same folder must not reuse shards of the old one
+        for f in ck.files():
+            st = f.stat()
+            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     for name, shard in zip(layout.file_names, layout.shards):
         h.update(name.encode())
         h.update(encode_header(shard, {"format": "pt"}))
@@ -230,7 +234,8 @@ def _verify_shard(path: Path, expect: dict[str, str]) -> bool:
 def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: int | None = None, device: str = "cpu",
               shard_size: int = 2 * 1024**3, dtype: str | None = None, resume: bool = False, overwrite: bool = False,
               progress: bool = True, model_paths: dict[str, Path] | None = None, allow_pickle: bool = False,
-              extra_card: dict | None = None, tie_break: str = "index", kernels: bool | None = None) -> MergeResult:
+              extra_card: dict | None = None, tie_break: str = "index", kernels: bool | None = None,
+              nan_policy: str | None = None) -> MergeResult:
     """Merge to a Hugging Face checkpoint folder, atomically. See docs/design.md.
 
     tie_break: which of several elements tied at a magnitude threshold are kept — "index" (the first by position:
@@ -243,11 +248,11 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: in
     with tie_rule(tie_break), compute_threads():
         return _run_merge(config, out_dir, seed=seed, device=device, shard_size=shard_size, dtype=dtype,
                           resume=resume, overwrite=overwrite, progress=progress, model_paths=model_paths,
-                          allow_pickle=allow_pickle, extra_card=extra_card, kernels=kernels)
+                          allow_pickle=allow_pickle, extra_card=extra_card, kernels=kernels, nan_policy=nan_policy)
 
 
 def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, overwrite, progress, model_paths,
-               allow_pickle, extra_card, kernels) -> MergeResult:
+               allow_pickle, extra_card, kernels, nan_policy) -> MergeResult:
     from merging.output import check_tokenizer_policy, finalize_output
 
     t0 = time.perf_counter()
@@ -261,7 +266,8 @@ def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, over
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
         raise OutputError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
-    plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, allow_pickle=allow_pickle)
+    plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, allow_pickle=allow_pickle,
+                      nan_policy=nan_policy)
     check_tokenizer_policy(plan)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -360,6 +366,9 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"writing {out_dir} failed: {e.strerror or e}; nothing was left behind") from None
+    except AlloyError:  # a bad input met mid-merge (NaN, say): nothing of it is worth resuming
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     manifest_sha = hashlib.sha256((out_dir / "alloy_manifest.json").read_bytes()).hexdigest()
     return MergeResult(out_dir, len(plan.tasks), plan.bytes_in, bytes_out, time.perf_counter() - t0, peak_rss(),
                        manifest, manifest_sha)
@@ -367,21 +376,22 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
 
 def merge_to_state_dict(config: MergeConfig | str | Path, *, seed: int | None = None, device: str = "cpu",
                         dtype: str | None = None, model_paths: dict[str, Path] | None = None,
-                        tie_break: str = "index") -> MergeResult:
+                        tie_break: str = "index", nan_policy: str | None = None) -> MergeResult:
     """The same merge held in memory (for search loops that evaluate and discard)."""
     from merging.primitives import tie_break as tie_rule
 
     with tie_rule(tie_break), compute_threads():
-        return _merge_to_state_dict(config, seed=seed, device=device, dtype=dtype, model_paths=model_paths)
+        return _merge_to_state_dict(config, seed=seed, device=device, dtype=dtype, model_paths=model_paths,
+                                    nan_policy=nan_policy)
 
 
-def _merge_to_state_dict(config, *, seed, device, dtype, model_paths) -> MergeResult:
+def _merge_to_state_dict(config, *, seed, device, dtype, model_paths, nan_policy) -> MergeResult:
     t0 = time.perf_counter()
     search = []
     if not isinstance(config, MergeConfig):
         search.append(Path(config).resolve().parent)
         config = load_config(config)
-    plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths)
+    plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, nan_policy=nan_policy)
     sd = {task.name: out for task, out in iter_computed(plan, plan.tasks, seed=0 if seed is None else seed, device=device)}
     return MergeResult(None, len(sd), plan.bytes_in, sum(t.numel() * t.element_size() for t in sd.values()),
                        time.perf_counter() - t0, peak_rss(), state_dict=sd)
