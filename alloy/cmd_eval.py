@@ -124,7 +124,9 @@ def main(argv: list[str]) -> int:
         if not (path / "config.json").is_file():
             raise InputError(f"{path}: parent is not a checkpoint folder (no config.json)")
         parent_results[name] = {"path": str(path), **evaluate_detailed(path, tasks, **common)}
-    rows = compare_to_parents(result["scores"], {n: r["scores"] for n, r in parent_results.items()}) if parents else None
+    rows = None
+    if parents:
+        rows = compare_to_parents(result["scores"], {n: r["scores"] for n, r in parent_results.items()})
     print_table(model.name, result["scores"], rows)
     if args.out:
         out = Path(args.out)

@@ -193,7 +193,8 @@ def _experiment_fragment(uri: str, name: str) -> str:
         from mlflow.tracking import MlflowClient
 
         exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
-        return f"#/experiments/{exp.experiment_id}" if exp is not None else ""
+        # the runs table: a fresh browser profile would open MLflow 3's GenAI overview instead
+        return f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" if exp is not None else ""
     except Exception:  # an empty or unreadable store: the front page will do
         return ""
 

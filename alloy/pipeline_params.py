@@ -181,6 +181,9 @@ class RunnerSpec(_Strict):
     address: Optional[str] = None  # dask: a scheduler address; none starts a LocalCluster
     n_workers: int = 2  # dask LocalCluster
     threads_per_worker: int = 1
+    # LocalCluster workers as processes (side by side, each with its own Prefect client; without a Prefect server
+    # each starts a temporary one) or as threads of this process
+    processes: bool = True
 
 
 class PathsSpec(_Strict):

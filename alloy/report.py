@@ -385,6 +385,7 @@ td .d { display: block; font-size: 11px; color: var(--mute); }
 .up { color: var(--good) !important; }
 .down { color: var(--bad) !important; }
 .small { font-size: 12px; color: var(--mute); }
+td.what { white-space: normal; min-width: 170px; max-width: 260px; overflow-wrap: anywhere; }
 .err { color: var(--bad); white-space: normal; max-width: 420px; text-align: left; font-size: 12px; }
 figure { margin: 10px 0 22px; background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 10px; }
 figure svg { max-width: 100%; height: auto; display: block; margin: 0 auto; }
@@ -452,7 +453,7 @@ def _table(data: ReportData) -> str:
         m = data.models[n]
         role = "base" if n in bases else ("parent" + (f", {m.skill}" if m.skill else ""))
         cells = [f'<td class="l"><b>{_e(n)}</b> <span class="badge">{_e(role)}</span></td>',
-                 f'<td class="l small">{_e(_clip(m.tags.get("alloy.source", ""), 60))}</td>']  # fmt: skip
+                 f'<td class="l small what">{_e(_clip(m.tags.get("alloy.source", ""), 60))}</td>']  # fmt: skip
         for t in tasks:
             cells.append(f"<td>{_fmt(_num(m.metrics.get(t)))}</td>")
         cells += [f"<td>{_fmt(_num(m.metrics.get(k)))}</td>" for k, _ in extra]
@@ -465,7 +466,7 @@ def _table(data: ReportData) -> str:
         cls = "candidate" + (" champion" if champ else "") + (" failed" if c.error or c.status == "FAILED" else "")
         base = f" on {c.base}" if c.base else ""
         cells = [f'<td class="l"><b>{_e(c.name)}</b></td>',
-                 f'<td class="l small" title="{_e(c.run_name)}">{_e(_clip(c.run_name, 60))}<br>'
+                 f'<td class="l small what" title="{_e(c.run_name)}">{_e(_clip(c.run_name, 60))}<br>'
                  f'{_e(", ".join(c.merged))}{_e(base)}</td>']  # fmt: skip
         for t in tasks:
             score = _num(c.metrics.get(t))
@@ -606,6 +607,7 @@ def svg_of(fig) -> str:
 
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "alloy"}):
-        fig.savefig(buf, format="svg", bbox_inches="tight")
+        # no date in the metadata: the same run gives the same bytes
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buf.getvalue()
     return text[text.index("<svg"):]

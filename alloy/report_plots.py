@@ -267,6 +267,9 @@ def inspect_plots(data: ReportData) -> list[Figure]:
                           color=PARENT_COLOURS[p_i % len(PARENT_COLOURS)],
                           label=f"{_short_model(a)} × {_short_model(b)}")  # fmt: skip
             ax_l.axhline(0.5, color="#999", linestyle=":", linewidth=1)
+            from matplotlib.ticker import MaxNLocator
+
+            ax_l.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax_l.set_xlabel("layer", fontsize=8.5)
             ax_l.set_ylabel("sign-conflict rate", fontsize=8.5)
             ax_l.set_ylim(0, max(0.6, ax_l.get_ylim()[1]))

@@ -40,7 +40,8 @@ def model_hash(model_dir: str | Path) -> str:
     from merging.hashing import file_sha256
 
     root = Path(model_dir)
-    files = sorted(p for p in root.iterdir() if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _MODEL_FILES))
+    wanted = [p for p in root.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name in _MODEL_FILES]
+    files = sorted(p for p in wanted if p.is_file())
     if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
         raise InputError(f"{root}: no weight files (*.safetensors or *.bin) to evaluate")
     h = hashlib.sha256()
@@ -105,8 +106,22 @@ def _run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path | None, w
     tm = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=with_defaults)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
-        raise InputError(f"task {unknown[0]!r}: unknown to lm-eval and not a bundled task ({', '.join(bundled.BUNDLED_TASKS)})")
-    res = lm_eval.simple_evaluate(
+        ours = ", ".join(bundled.BUNDLED_TASKS)
+        raise InputError(f"task {unknown[0]!r}: unknown to lm-eval and not a bundled task ({ours})")
+    try:
+        res = _simple_evaluate(lm_eval, model_dir, tasks, tm, limit=limit, batch_size=batch_size, device=device)
+    except ConnectionError as e:
+        # lm-eval's own tasks download their datasets from the Hub; this machine may have no way there.
+        theirs = [t for t in tasks if t not in bundled.BUNDLED_TASKS]
+        raise InputError(f"task {theirs[0] if theirs else tasks[0]!r}: its dataset could not be fetched "
+                         f"(offline?): {e}") from None  # fmt: skip
+    if res is None:  # only on non-zero ranks of a distributed run
+        return {}
+    return {t: _metrics_of(res["results"].get(t, {})) for t in tasks}
+
+
+def _simple_evaluate(lm_eval, model_dir: Path, tasks: list[str], tm, *, limit, batch_size: int, device: str):
+    return lm_eval.simple_evaluate(
         model="hf",
         # A dict, not "pretrained=...,dtype=...": a path with a comma would split the string form.
         model_args={"pretrained": str(model_dir), "dtype": "float32"},
@@ -118,9 +133,6 @@ def _run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path | None, w
         log_samples=False,
         bootstrap_iters=0,  # standard errors of means are analytic; bootstrapping perplexity is slow and unused
     )
-    if res is None:  # only on non-zero ranks of a distributed run
-        return {}
-    return {t: _metrics_of(res["results"].get(t, {})) for t in tasks}
 
 
 def evaluate(

@@ -80,7 +80,8 @@ def task_runner(params: Params, kind: str | None = None, address: str | None = N
         if address:
             return DaskTaskRunner(address=address)
         return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": params.runner.n_workers, "processes": True,
+                              cluster_kwargs={"n_workers": params.runner.n_workers,
+                                              "processes": params.runner.processes,
                                               "threads_per_worker": params.runner.threads_per_worker})  # fmt: skip
     from prefect.task_runners import ThreadPoolTaskRunner
 

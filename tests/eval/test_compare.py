@@ -40,7 +40,8 @@ def test_parent_missing_a_task_is_left_out_of_that_row() -> None:
 def test_no_parents_and_ties() -> None:
     rows = compare_to_parents({"words_mc": {"acc": 0.5}}, {})
     assert rows[0]["best"] is None and rows[0]["mean_parents"] is None
-    tie = compare_to_parents({"words_mc": {"acc": 0.5}}, {"x": {"words_mc": {"acc": 0.5}}, "y": {"words_mc": {"acc": 0.5}}})
+    half = {"words_mc": {"acc": 0.5}}
+    tie = compare_to_parents(half, {"x": half, "y": half})
     assert tie[0]["best_parent"] == "x" and tie[0]["vs_best"] == 0.0
 
 
