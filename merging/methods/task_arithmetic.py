@@ -32,19 +32,56 @@ from merging.methods.registry import PerModel, merge_method, model_value
 Sparsify = Callable[[Tensor, int], Tensor]  # (delta, model index) -> sparsified delta
 
 
+# Elements per slice of the combine stage. Every step after sparsify is element-wise across models (weights, sign
+# election, disjoint mean, lambda, + base), so slicing the flattened tensors changes no element's arithmetic (the
+# bytes are the same) while the temporaries of each step stay in cache instead of streaming through memory.
+COMBINE_CHUNK = 1 << 20
+
+
+def _sparsified(tensors: list[Tensor], base: Tensor, sparsify: Sparsify | None) -> Tensor:
+    """Stacked deltas [n, *shape] in the base's dtype, each sparsified on its whole tensor (thresholds, random
+    draws and L1 rescales see every element, as in mergekit)."""
+    deltas = base.new_empty((len(tensors), *base.shape))
+    for i, t in enumerate(tensors):
+        torch.sub(t, base, out=deltas[i])
+        if sparsify is not None:
+            deltas[i] = sparsify(deltas[i], i)
+    return deltas
+
+
+def _combine_slice(deltas: Tensor, weights: Tensor, *, consensus: str | None, normalize: bool,
+                   int8_mask: bool) -> Tensor:
+    weighted = deltas * weights
+    mask = P.agreement_mask(weighted, consensus, int8=int8_mask) if consensus else None
+    return P.disjoint_merge(weighted, weights, mask, normalize=normalize)
+
+
 def combine_deltas(tensors: list[Tensor], base: Tensor, weight: list[float], *, sparsify: Sparsify | None,
                    consensus: str | None, normalize: bool, int8_mask: bool) -> Tensor:
     """sum_i w_i * sparsify(t_i - base), restricted to the elected sign when `consensus`, divided by the weights that
     contributed to each element when normalize. Arithmetic and dtype follow mergekit 0.1.5 step by step."""
-    deltas = base.new_empty((len(tensors), *base.shape))
-    for i, t in enumerate(tensors):
-        delta = t - base
-        deltas[i] = sparsify(delta, i) if sparsify is not None else delta
-        del delta
-    weights = P.stacked_weights(weight, deltas)
-    deltas.mul_(weights)
-    mask = P.agreement_mask(deltas, consensus, int8=int8_mask) if consensus else None
-    return P.disjoint_merge(deltas, weights, mask, normalize=normalize)
+    return _combine(tensors, base, weight, sparsify=sparsify, consensus=consensus, normalize=normalize,
+                    int8_mask=int8_mask, lambda_=None)
+
+
+def _combine(tensors, base, weight, *, sparsify, consensus, normalize, int8_mask, lambda_: float | None) -> Tensor:
+    """combine_deltas, then (lambda_ not None) base + lambda_ * that, over slices of COMBINE_CHUNK elements."""
+    deltas = _sparsified(tensors, base, sparsify)
+    n = len(tensors)
+    flat = deltas.view(n, -1)
+    weights = P.stacked_weights(weight, flat)  # [n, 1]
+    fbase = base.reshape(-1)
+    out = torch.empty_like(fbase)
+    for start in range(0, max(fbase.numel(), 1), COMBINE_CHUNK):
+        sl = slice(start, start + COMBINE_CHUNK)
+        mixed = _combine_slice(flat[:, sl], weights, consensus=consensus, normalize=normalize, int8_mask=int8_mask)
+        if lambda_ is None:
+            out[sl] = mixed
+            continue
+        if lambda_ != 1:
+            mixed *= lambda_
+        torch.add(fbase[sl], mixed, out=out[sl])
+    return out.view(base.shape)
 
 
 def generalized_task_arithmetic(tensors: list[Tensor], base: Tensor, weight: list[float], *,
@@ -53,11 +90,8 @@ def generalized_task_arithmetic(tensors: list[Tensor], base: Tensor, weight: lis
     """base + lambda * combine_deltas(...), in the base's dtype."""
     if not tensors:
         return base
-    mixed = combine_deltas(tensors, base, weight, sparsify=sparsify, consensus=consensus, normalize=normalize,
-                           int8_mask=int8_mask)
-    if lambda_ != 1:
-        mixed *= lambda_
-    return (base + mixed).to(base.dtype)
+    return _combine(tensors, base, weight, sparsify=sparsify, consensus=consensus, normalize=normalize,
+                    int8_mask=int8_mask, lambda_=lambda_)
 
 
 _TA = "Ilharco et al. 2023, Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"
