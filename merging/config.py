@@ -85,11 +85,54 @@ class OutputSlice(BaseModel):
     parameters: Optional[Parameters] = None
 
 
+class TokenSource(BaseModel):
+    """Where a `tokenizer.tokens` entry takes its row: a model (written as the model itself: its row for the token),
+    `{kind: model_token, model, token | token_id}` (another token's row) or `{kind: zero}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["model", "model_token", "zero"]
+    model: Optional[ModelRef] = None
+    token: Optional[str] = None
+    token_id: Optional[int] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if isinstance(v, str) or (isinstance(v, dict) and "kind" not in v):
+            return {"kind": "model", "model": v}
+        return v
+
+    @model_validator(mode="after")
+    def _fields(self) -> "TokenSource":
+        if self.kind == "zero" and (self.model or self.token is not None or self.token_id is not None):
+            raise ValueError("kind: zero takes no model, token or token_id")
+        if self.kind != "zero" and self.model is None:
+            raise ValueError(f"kind: {self.kind} needs a model")
+        if self.kind == "model_token" and (self.token is None) == (self.token_id is None):
+            raise ValueError("kind: model_token needs exactly one of token or token_id")
+        if self.kind == "model" and (self.token is not None or self.token_id is not None):
+            raise ValueError("token / token_id need kind: model_token")
+        return self
+
+
+class TokenSetting(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: Optional[TokenSource] = None
+    force: bool = False
+
+
 class TokenizerSection(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    source: Union[Literal["union", "base"], ModelRef]
-    tokens: Optional[dict[str, Any]] = None
+    model_config = ConfigDict(extra="forbid")
+    source: Union[Literal["union", "base"], ModelRef] = "union"  # mergekit's default
+    tokens: Optional[dict[str, TokenSetting]] = None
     pad_to_multiple_of: Optional[int] = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _pad(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer, got {v}")
+        return v
 
 
 DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "float", "half")
@@ -147,6 +190,8 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         if set(obj) <= {"path", "revision"} and "path" in obj:
             return obj["path"] + (f"@{obj['revision']}" if obj.get("revision") else "")
+        if obj.get("kind") == "model" and set(obj) == {"kind", "model"}:  # a token's source written as the model
+            return _plain(obj["model"])
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_plain(v) for v in obj]

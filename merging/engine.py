@@ -33,7 +33,7 @@ from merging.methods.registry import REGISTRY
 from merging.plan import Plan, TensorTask, build_plan
 
 JOURNAL = "alloy_journal.json"
-PREFETCH_BYTES = 768 * 1024**2  # inputs read ahead of the computing task
+PREFETCH_BYTES = int(os.environ.get("ALLOY_PREFETCH_MB", 768)) * 1024**2  # inputs read ahead of the computing task
 CHUNK = 1 << 22  # elements per slice for element-wise methods
 # methods whose output element i depends on input elements i alone (no norms, thresholds or random streams)
 ELEMENTWISE = frozenset({"linear", "task_arithmetic", "nearswap", "passthrough"})
@@ -100,6 +100,8 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
 
     xs = [prep(t) for t in inputs]
     b = prep(base) if base is not None else None
+    if task.align is not None:  # a tokenizer policy: each input's vocabulary rows re-indexed (merging.tokenizer)
+        xs, b = task.align.apply(xs, b)
     if task.method == "passthrough":
         scale = task.per_model["scale"][0]
         out = xs[0] * scale if scale is not None else xs[0]

@@ -18,6 +18,7 @@ from merging.errors import ConfigError, InputError
 from merging.hashing import file_sha256
 from merging.io import ShardLayout, model_file
 from merging.plan import Plan
+from merging.tokenizer import save_tokenizer
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
@@ -53,6 +54,11 @@ def output_config(plan: Plan) -> dict:
         if isinstance(cfg.get("layer_types"), list):  # newer transformers configs list one type per layer
             types = cfg["layer_types"]
             cfg["layer_types"] = [types[min(i, len(types) - 1)] for i in range(plan.num_layers)]
+    if plan.vocab is not None:  # a tokenizer policy sets the vocabulary (mergekit writes it whatever the policy)
+        if "vocab_size" not in cfg and isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"] = {**cfg["text_config"], "vocab_size": plan.vocab.rows}
+        else:
+            cfg["vocab_size"] = plan.vocab.rows
     dtypes = Counter(DTYPE_NAME.get(t.dtype, str(t.dtype)) for t in plan.tasks)
     if dtypes:
         key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
@@ -62,10 +68,10 @@ def output_config(plan: Plan) -> dict:
 
 def _tokenizer_donor(plan: Plan) -> Path:
     cfg = plan.config
+    if plan.vocab is not None:
+        return plan.vocab.donor
     src = cfg.tokenizer.source if cfg.tokenizer is not None else cfg.tokenizer_source
-    if src == "union":
-        raise ConfigError("tokenizer_source: 'union' is not supported yet; use 'base' or a model")
-    if src is None or src == "base":
+    if src is None or src == "base" or src == "union":  # union without tokenizers is refused by the planner
         if src == "base" and cfg.base_model is None:
             raise ConfigError("tokenizer_source: 'base' needs a base_model")
         return plan.checkpoints[plan.template_index].path
@@ -129,11 +135,14 @@ def _read_json(f: Path) -> dict:
 def copy_tokenizer(plan: Plan, out: Path) -> list[str]:
     donor = _tokenizer_donor(plan)
     copied = []
-    for name in TOKENIZER_FILES:
-        # model_file refuses a link out of the donor's folder: its target would be copied into the output
-        if donor.is_dir() and (f := model_file(donor, name)):
-            shutil.copyfile(f, out / name)
-            copied.append(name)
+    if plan.vocab is not None and plan.vocab.tokenizer is not None:  # a new vocabulary (union, added tokens)
+        copied = save_tokenizer(plan.vocab, out)
+    else:
+        for name in TOKENIZER_FILES:
+            # model_file refuses a link out of the donor's folder: its target would be copied into the output
+            if donor.is_dir() and (f := model_file(donor, name)):
+                shutil.copyfile(f, out / name)
+                copied.append(name)
     tpl = _chat_template(plan)
     if tpl is not None:
         (out / "chat_template.jinja").write_text(tpl)

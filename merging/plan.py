@@ -19,6 +19,7 @@ from merging.config import InputSlice, MergeConfig, ModelRef, OutputSlice, evalu
 from merging.errors import ConfigError, InputError
 from merging.hub import looks_like_hub_id
 from merging.io import Checkpoint
+from merging.tokenizer import Alignment, OutputVocab, build_vocab
 import merging.methods  # noqa: F401  (importing the package registers every method)
 from merging.methods.registry import REGISTRY, MethodSpec
 
@@ -43,6 +44,7 @@ class TensorTask:
     dtype: torch.dtype  # output dtype
     shape: tuple[int, ...]
     compute_dtype: Optional[torch.dtype]
+    align: Optional[Alignment] = None  # tokenizer policy: re-index the inputs' vocabulary rows before the method
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Plan:
     num_layers: Optional[int]  # of the output, for config.json
     template_index: int  # the model whose config/tokenizer/non-layer layout the output follows
     notes: list[str] = field(default_factory=list)
+    vocab: Optional[OutputVocab] = None  # the output vocabulary when a tokenizer policy re-aligns embeddings
 
     @property
     def bytes_in(self) -> int:
@@ -197,6 +200,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     out_dtype_cfg = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
     template = index[str(base)] if base is not None else index[str(slices[0].sources[0].model)]
     _check_architectures(models, checkpoints)
+    vocab = build_vocab(config, models, checkpoints)
 
     tasks: list[TensorTask] = []
     seen_out: set[str] = set()
@@ -223,14 +227,25 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
             raise ConfigError(f"base_model {base_ref} is not among the sources of the slice producing {out_name!r}")
         infos = [(ref, ckpts[str(ref)].info(n)) for ref, n in in_names]
         shape0 = infos[0][1].shape
+        align = None
+        if vocab is not None and vocab.is_vocab_tensor(out_name, {str(r): i.shape for r, i in infos}):
+            slots, k = [], 0
+            for ref, _ in in_names:  # where each input sits in the task: its inputs in order, then its base
+                is_base = base_entry is not None and str(ref) == str(base_ref)
+                slots.append(len(entries) if is_base else k)
+                k += not is_base
+            align = vocab.alignment(out_name, [str(r) for r, _ in in_names], str(slice_base) if slice_base else None,
+                                    slots)
+            if align is not None:
+                shape0 = (vocab.rows, *shape0[1:])
         for ref, info in infos[1:]:
-            if info.shape != shape0:
-                vocab = any(h in out_name for h in PRE_HINTS) or "lm_head" in out_name
-                if vocab and len(shape0) == len(info.shape) == 2 and shape0[1] == info.shape[1]:
+            if info.shape != shape0 and (align is None or info.shape[1:] != shape0[1:]):
+                vocab_like = any(h in out_name for h in PRE_HINTS) or "lm_head" in out_name
+                if vocab_like and len(shape0) == len(info.shape) == 2 and shape0[1] == info.shape[1]:
                     raise InputError(
                         f"tensor {out_name!r}: vocabulary sizes differ ({shape0[0]} rows in {infos[0][0]}, "
-                        f"{info.shape[0]} in {ref}); alloy has no tokenizer policy that re-aligns embeddings yet "
-                        "(tokenizer_source only picks the tokenizer files): merge models that share one tokenizer")
+                        f"{info.shape[0]} in {ref}); re-align them with tokenizer_source: union (or base, or a "
+                        "tokenizer: section) on models that ship tokenizer files, or merge models that share one tokenizer")
                 raise InputError(f"tensor {out_name!r}: shape {list(shape0)} in {infos[0][0]} but {list(info.shape)} "
                                  f"in {ref}; merged models must have the same shapes (same architecture and size)")
         if spec is None:
@@ -263,7 +278,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
         ref_info = ckpts[str(base_ref)].info(base_entry[1]) if base_entry else infos[0][1]
         out_dtype = out_dtype_cfg or compute or ref_info.dtype
         tasks.append(TensorTask(out_name, config.merge_method, [e for _, e in entries], base_entry, per_model,
-                                glob, out_dtype, tuple(shape0), compute))
+                                glob, out_dtype, tuple(shape0), compute, align))
 
     # non-layer tensors of the template model, split into those before and after the layers
     first, last = slices[0], slices[-1]
@@ -322,7 +337,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
 
     total_layers = out_layer if any(_split(n) for n in template_ck.tensors) else None
     return Plan(config, models, checkpoints, tasks, index[str(base)] if base is not None else None,
-                total_layers, template)
+                total_layers, template, notes=list(vocab.notes) if vocab else [], vocab=vocab)
 
 
 def _check_no_extra(ref: ModelRef, ck: Checkpoint, names: list[str], expected: set[str], template: ModelRef,
