@@ -5,6 +5,7 @@
     family:      the demo family to build first (tiny from scratch, or SmolLM2 LoRA specialists), optional
     candidates:  merges to try: a mergekit-style `config`, or `method` + parameters with a small `grid` over them
     merge, eval, quant, mlflow, champion, runner, paths: how to run, score, store and compare them
+    search:      `alloy search`'s space of recipes and budget (optional; alloy/search.py)
 
 A candidate with a grid expands into one config per point of the cartesian product. Grid keys are parameter
 names: `lambda` sets a top-level parameter, `facts.weight` one model's parameter.
@@ -73,7 +74,9 @@ class FamilySpec(_Strict):
     kind: Literal["tiny", "smol"]
     out: Optional[str] = None  # default: <paths.models>/<kind>
     seed: int = 0
-    steps: Optional[int] = None  # training steps per specialist (default: the kind's own)
+    # training steps per specialist (default: the kind's own); smol also takes per-skill steps as a string,
+    # "facts=60,words=60,addition=120" (the form `alloy demo-family --steps` and dvc.yaml pass on)
+    steps: Optional[Union[int, str]] = None
     n_eval: int = 60  # held-out examples per skill
     source: Optional[str] = None  # smol: the GGUF the base is imported from (default: the pinned SmolLM2 wheel)
     skills: Optional[list[str]] = None  # default: every skill
@@ -89,7 +92,9 @@ class FamilySpec(_Strict):
                 kw["specialist_steps"] = self.steps
         else:
             if self.steps is not None:
-                kw["steps"] = self.steps
+                from alloy.cmd_demo import parse_steps
+
+                kw["steps"] = parse_steps(str(self.steps))
             if self.source:
                 kw["source"] = self.source
         return kw
@@ -186,6 +191,76 @@ class RunnerSpec(_Strict):
     processes: bool = True
 
 
+class SearchSpec(_Strict):
+    """`alloy search`: an Optuna (TPE) study over merge recipes of `models` onto `base_model`.
+
+    Each trial picks a method, then a value per model for each per-model parameter in `ranges` that the method takes
+    (weight, density, ...) and one for each global one (lambda, ...). The objective is a weighted mean of skill
+    scores on the tune split; the held-out split (the pipeline's eval files) is scored beside it, never tuned on.
+    """
+
+    trials: int = Field(default=24, ge=1)  # finished trials the study should hold; a re-run adds only the missing
+    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "ties", "dare_ties", "dare_linear"],
+                               min_length=1)  # registered methods that take a base model  # fmt: skip
+    base_model: str = "base"
+    models: Optional[list[str]] = None  # default: every model with a skill (the family's specialists)
+    # [low, high] of each searched parameter, for the methods that take it; others keep the method's default
+    ranges: dict[str, tuple[float, float]] = Field(default_factory=lambda: {
+        "weight": (0.3, 1.2), "density": (0.3, 1.0), "lambda": (0.5, 1.2)})  # fmt: skip
+    parameters: dict[str, Scalar] = Field(default_factory=dict)  # fixed, for every method that takes them
+    layer_groups: int = Field(default=1, ge=1)  # > 1: the `gradient` parameters become per-layer-group gradients
+    gradient: list[str] = Field(default_factory=lambda: ["weight"])
+    objective: dict[str, float] = Field(default_factory=dict)  # {<skill>_em|_mc: weight}; default: mean EM
+    tune_split: Literal["tune", "heldout"] = "tune"  # heldout: tune on the eval files (to see what overfitting does)
+    limit: Optional[int] = Field(default=None, ge=1)  # tune examples per task (default: all)
+    heldout_limit: Optional[int] = Field(default=None, ge=1)  # held-out examples per task (default: eval.limit)
+    heldout: bool = True  # score every trial on the held-out split too
+    seed: int = 0
+    startup_trials: int = Field(default=8, ge=0)  # random trials before TPE models the results
+    storage: Optional[str] = None  # Optuna storage URL; default: sqlite optuna.db beside the MLflow sqlite store
+    parallelism: int = Field(default=2, ge=1)  # trials per batch, run side by side through the task runner
+    register_best: bool = False  # send the best recipe through merge -> quant-check -> evaluate -> register
+
+    @field_validator("ranges")
+    @classmethod
+    def _ranges(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for key, (lo, hi) in v.items():
+            if lo > hi:
+                raise ValueError(f"{key}: low {lo} is above high {hi}")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> "SearchSpec":
+        from merging.methods import REGISTRY
+
+        for m in self.methods:
+            if m not in REGISTRY:
+                near = difflib.get_close_matches(m, sorted(REGISTRY), n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ValueError(f"methods: {m!r} is not a merge method{hint}")
+            if not REGISTRY[m].base:
+                raise ValueError(f"methods: {m!r} takes no base model; the search merges task vectors onto one")
+        known = set().union(*(REGISTRY[m].parameters for m in self.methods))
+        for where, keys in (("ranges", self.ranges), ("parameters", self.parameters)):
+            for key in keys:
+                if key not in known:
+                    raise ValueError(f"{where}.{key}: none of the methods ({', '.join(self.methods)}) takes it")
+        for key in self.gradient:
+            if key not in self.ranges:
+                raise ValueError(f"gradient: {key!r} has no range under search.ranges")
+        from alloy.demo.skills import SKILLS
+
+        tasks = {f"{s}_{k}" for s in SKILLS for k in ("em", "mc")}
+        for key, w in self.objective.items():
+            if key not in tasks:
+                raise ValueError(f"objective.{key}: expected a skill task ({', '.join(sorted(tasks))})")
+            if w < 0:
+                raise ValueError(f"objective.{key}: a weight must be >= 0")
+        if self.objective and not any(self.objective.values()):
+            raise ValueError("objective: every weight is 0")
+        return self
+
+
 class PathsSpec(_Strict):
     models: str = "models"
     merges: str = "merges"
@@ -205,6 +280,7 @@ class Params(_Strict):
     champion: ChampionSpec = Field(default_factory=ChampionSpec)
     runner: RunnerSpec = Field(default_factory=RunnerSpec)
     paths: PathsSpec = Field(default_factory=PathsSpec)
+    search: Optional[SearchSpec] = None
 
     # not from YAML: the folder relative paths are resolved against (the params file's folder)
     root: Path = Field(default=Path("."), exclude=True)
@@ -219,6 +295,12 @@ class Params(_Strict):
                              f"({', '.join(self.all_models())})")  # fmt: skip
         if self.family and self.family.base and self.family.base not in self.models:
             raise ValueError(f"family.base: {self.family.base!r} is not one of models ({', '.join(self.models)})")
+        if self.search:
+            known = self.all_models()
+            for i, n in enumerate([self.search.base_model, *(self.search.models or [])]):
+                if n not in known:
+                    key = "search.base_model" if i == 0 else "search.models"
+                    raise ValueError(f"{key}: {n!r} is not one of the models ({', '.join(known) or 'none'})")
         names = [c.name for c in self.candidates]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -289,7 +371,8 @@ def _unknown_keys(data: Any, model: type[BaseModel], where: str, source: str) ->
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ConfigError(f"{source}: {where + '.' if where else ''}{key}: unknown key{hint}")
     nested = {"merge": MergeSpec, "eval": EvalSpec, "quant": QuantSpec, "mlflow": MlflowSpec,
-              "champion": ChampionSpec, "runner": RunnerSpec, "paths": PathsSpec, "family": FamilySpec}  # fmt: skip
+              "champion": ChampionSpec, "runner": RunnerSpec, "paths": PathsSpec, "family": FamilySpec,
+              "search": SearchSpec}  # fmt: skip
     if model is Params:
         for key, sub in nested.items():
             _unknown_keys(data.get(key), sub, key, source)

@@ -7,17 +7,23 @@ start-up). Any other task name goes to lm-eval's own registry, and only then are
 Results are cached per task in ``cache_dir`` under a key of (model content hash, task fingerprint, limit), so the
 parents of many merges are evaluated once. The model hash covers the weight files, config and tokenizer: two
 folders with the same bytes share their cache entries wherever they lie.
+
+``evaluate_in_memory`` scores a model held in memory (a transformers model object: a merge that never touched the
+disk) through lm-eval's ``HFLM`` and the same task YAMLs; with no file content to key a cache on, it caches nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from eval import skills as bundled
 from merging.errors import InputError
@@ -98,7 +104,7 @@ def _metrics_of(task_result: dict) -> dict[str, float]:
     return out
 
 
-def _run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path | None, with_defaults: bool, *,
+def _run_lm_eval(model_dir: Path | Any, tasks: list[str], include_path: Path | None, with_defaults: bool, *,
                  limit, batch_size: int, device: str) -> dict[str, dict[str, float]]:  # fmt: skip
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -120,7 +126,10 @@ def _run_lm_eval(model_dir: Path, tasks: list[str], include_path: Path | None, w
     return {t: _metrics_of(res["results"].get(t, {})) for t in tasks}
 
 
-def _simple_evaluate(lm_eval, model_dir: Path, tasks: list[str], tm, *, limit, batch_size: int, device: str):
+def _simple_evaluate(lm_eval, model_dir: Path | Any, tasks: list[str], tm, *, limit, batch_size: int, device: str):
+    if not isinstance(model_dir, Path):  # an lm-eval LM object (evaluate_in_memory): its own batch size and device
+        return lm_eval.simple_evaluate(model=model_dir, tasks=tasks, task_manager=tm, limit=limit, log_samples=False,
+                                       bootstrap_iters=0)  # fmt: skip
     return lm_eval.simple_evaluate(
         model="hf",
         # A dict, not "pretrained=...,dtype=...": a path with a comma would split the string form.
@@ -234,3 +243,43 @@ def evaluate_detailed(
         "cached": [t for t in names if t not in todo],
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+# lm-eval keeps its task registry in module globals: two evaluations in one process at once are not safe.
+_IN_MEMORY_LOCK = threading.Lock()
+
+
+def evaluate_in_memory(model: Any, tokenizer: Any, tasks: list[str] | tuple[str, ...], *, data_dir: str | Path,
+                   limit: int | float | None = None, batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Scores of a transformers model object on bundled tasks over ``data_dir``: ``{task: {metric: value}}``.
+
+    Runs on the model's own device and dtype. Nothing is cached (the caller knows what the weights are, this does
+    not). Calls in one process take turns; separate processes run side by side.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    names = bundled.expand_tasks(list(tasks))
+    other = [t for t in names if t not in bundled.BUNDLED_TASKS]
+    if other or not names:
+        raise InputError(f"task {other[0] if other else '(none)'!r}: in-memory evaluation takes bundled tasks only "
+                         f"({', '.join(bundled.BUNDLED_TASKS)})")  # fmt: skip
+    if limit is not None and (limit <= 0 or (isinstance(limit, float) and limit > 1)):
+        raise InputError(f"limit {limit}: must be a positive count, or a fraction in (0, 1]")
+    data = Path(data_dir).resolve()
+    for t in names:
+        if not bundled.data_file(t, data).is_file():
+            raise InputError(f"{bundled.data_file(t, data)}: missing data file for task {t!r}")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with _IN_MEMORY_LOCK, tempfile.TemporaryDirectory(prefix="alloy-tasks-") as tdir:
+        include = bundled.write_task_yamls(data, tdir, names)
+        hf_log = logging.getLogger("lm_eval.models.huggingface")
+        level = hf_log.level
+        hf_log.setLevel(logging.ERROR)  # it warns that a model object ignores its loading arguments: we pass none
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        finally:
+            hf_log.setLevel(level)
+        return _run_lm_eval(lm, names, include, with_defaults=False, limit=limit, batch_size=batch_size,
+                            device=str(model.device))  # fmt: skip

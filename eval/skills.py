@@ -10,6 +10,9 @@ Each skill is measured two ways:
 ``heldout_ppl`` is a ``loglikelihood_rolling`` perplexity over the held-out text (word and byte perplexity,
 bits per byte). lm-eval reads local files only through absolute ``data_files`` paths, so the YAMLs are written at
 run time into a folder named after the data they point at.
+
+``<skill>_em_tune`` and ``<skill>_mc_tune`` are the same tasks over the tune split (``<skill>.tune.jsonl``), which a
+recipe search tunes on so that the eval files stay held out; the ``skills`` aliases never include them.
 """
 
 from __future__ import annotations
@@ -18,23 +21,31 @@ import hashlib
 import json
 from pathlib import Path
 
-from alloy.demo.skills import SKILLS
+from alloy.demo.skills import SKILLS, TUNE_SUFFIX
 from merging.errors import InputError
 
 MAX_GEN_TOKS = 10
 PPL_TASK = "heldout_ppl"
-BUNDLED_TASKS: tuple[str, ...] = (*(f"{s}_{kind}" for s in SKILLS for kind in ("em", "mc")), PPL_TASK)
+TUNE = "_tune"  # task name suffix of the tune split
+HELDOUT_TASKS: tuple[str, ...] = (*(f"{s}_{kind}" for s in SKILLS for kind in ("em", "mc")), PPL_TASK)
+TUNE_TASKS: tuple[str, ...] = tuple(f"{s}_{kind}{TUNE}" for s in SKILLS for kind in ("em", "mc"))
+BUNDLED_TASKS: tuple[str, ...] = HELDOUT_TASKS + TUNE_TASKS
 # Names that stand for several bundled tasks on the command line.
 ALIASES: dict[str, tuple[str, ...]] = {
-    "skills": BUNDLED_TASKS,
+    "skills": HELDOUT_TASKS,
     "skills_em": tuple(f"{s}_em" for s in SKILLS),
     "skills_mc": tuple(f"{s}_mc" for s in SKILLS),
+    "skills_tune": TUNE_TASKS,
+    "skills_em_tune": tuple(f"{s}_em{TUNE}" for s in SKILLS),
+    "skills_mc_tune": tuple(f"{s}_mc{TUNE}" for s in SKILLS),
 }
 # The number a table shows for each bundled task.
 PRIMARY_METRIC: dict[str, str] = {
     **{f"{s}_em": "exact_match" for s in SKILLS},
     **{f"{s}_mc": "acc" for s in SKILLS},
     PPL_TASK: "word_perplexity",
+    **{f"{s}_em{TUNE}": "exact_match" for s in SKILLS},
+    **{f"{s}_mc{TUNE}": "acc" for s in SKILLS},
 }
 
 
@@ -52,6 +63,8 @@ def data_file(task: str, data_dir: Path) -> Path:
     """The JSONL a bundled task reads."""
     if task == PPL_TASK:
         return data_dir / "heldout.jsonl"
+    if task.endswith(TUNE):
+        return data_dir / f"{task.removesuffix(TUNE).rsplit('_', 1)[0]}{TUNE_SUFFIX}"
     return data_dir / f"{task.rsplit('_', 1)[0]}.jsonl"
 
 
@@ -71,7 +84,7 @@ def _yaml_for(task: str, path: Path) -> dict:
             "doc_to_target": "{{text}}",
             "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
         }
-    if task.endswith("_mc"):
+    if task.removesuffix(TUNE).endswith("_mc"):
         return {
             **common,
             "output_type": "multiple_choice",

@@ -14,6 +14,11 @@ What "held out" means here:
   (each entry has two wordings and both splits draw from the same 80 prompts). Eval examples are distinct prompts;
   train examples are drawn with replacement. The multiple-choice distractors are drawn independently per split.
 
+A third split, ``tune`` (``<skill>.tune.jsonl``, written beside the eval files), is what a recipe search may tune on
+while the eval ("held-out") files judge it: its prompts are never among the eval file's prompts. For ``facts`` and
+``words`` those are the table prompts the eval file did not draw (20 of 80 at the default ``n_eval=60``); for
+``addition``, other sums from the eval side of the pair split.
+
 The tables (people, colours, words) are fixed constants of this module, independent of ``seed``, so every family
 built from any seed is evaluated against the same truth; ``seed`` only chooses which examples are drawn.
 Everything is deterministic: the same arguments give the same examples and the same bytes on disk.
@@ -31,6 +36,8 @@ from merging.errors import ConfigError
 SKILLS: tuple[str, ...] = ("facts", "words", "addition")
 SPLITS: tuple[str, ...] = ("train", "eval")
 N_CHOICES = 4
+N_TUNE = 20  # tune examples per skill (at most: facts and words have only the prompts eval left over)
+TUNE_SUFFIX = ".tune.jsonl"
 LANGUAGE = "Velish"
 
 COLOURS: tuple[str, ...] = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white")
@@ -182,6 +189,59 @@ def make_examples(skill: str, split: str, n: int, seed: int = 0) -> list[dict]:
     return [_example(rng, q, a, pool) for q, a in picked]
 
 
+def make_tune_examples(skill: str, heldout: list[dict], n: int = N_TUNE, seed: int = 0) -> list[dict]:
+    """Up to ``n`` examples of ``skill`` whose prompts are not among ``heldout``'s (the eval file's rows).
+
+    A sum counts as asked when either order was: ``a + b`` held out keeps ``b + a`` out of the tune split too.
+    """
+    if skill not in SKILLS:
+        raise ConfigError(f"skill {skill!r}: unknown, expected one of {', '.join(SKILLS)}")
+    rng = random.Random(f"alloy-demo/{skill}/tune/{seed}")
+    asked = {r["question"] for r in heldout}
+    if skill == "addition":
+        def key(q: str) -> tuple[int, int]:
+            a, b = (int(x) for x in q.removeprefix("What is ").removesuffix("?").split(" + "))
+            return min(a, b), max(a, b)
+
+        seen = {key(q) for q in asked}
+        out = []
+        while len(out) < n:
+            # Same generator as eval (the eval side of the pair split); repeats and held-out sums are skipped.
+            ex = _addition_examples(rng, "eval", 1)[0]
+            k = key(ex["question"])
+            if k not in seen:
+                seen.add(k)
+                out.append(ex)
+        return out
+    prompts = [(q, a) for q, a in _table_prompts(skill) if q not in asked]
+    picked = rng.sample(prompts, min(n, len(prompts)))
+    pool = list(COLOURS) if skill == "facts" else list(WORDS.values())
+    return [_example(rng, q, a, pool) for q, a in picked]
+
+
+def write_tune_data(out_dir: str | Path, heldout_dir: str | Path | None = None, seed: int = 0,
+                    n: int = N_TUNE) -> dict[str, Path]:
+    """Write ``<skill>.tune.jsonl`` into ``out_dir``, disjoint from ``heldout_dir/<skill>.jsonl`` (default: out_dir).
+
+    Returns ``{skill: path}``; a skill whose eval file already uses every prompt gets no file (and no key).
+    """
+    out = Path(out_dir)
+    src = Path(heldout_dir) if heldout_dir is not None else out
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for skill in SKILLS:
+        f = src / f"{skill}.jsonl"
+        try:
+            heldout = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        except FileNotFoundError:
+            raise ConfigError(f"{f}: no held-out file to keep the tune split apart from") from None
+        rows = make_tune_examples(skill, heldout, n, seed=seed)
+        if rows:
+            paths[skill] = out / f"{skill}{TUNE_SUFFIX}"
+            _write_jsonl(paths[skill], rows)
+    return paths
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     # Fixed key order and separators: the file bytes depend on the rows only.
     text = "".join(json.dumps(r, ensure_ascii=True, sort_keys=True) + "\n" for r in rows)
@@ -201,10 +261,11 @@ def heldout_documents(seed: int = 0, n_docs: int = 48, per_doc: int = 1) -> list
 
 
 def write_skill_data(out_dir: str | Path, seed: int = 0, n_eval: int = 60) -> dict[str, Path]:
-    """Write ``<skill>.jsonl`` (eval split) for every skill, plus held-out text for perplexity.
+    """Write ``<skill>.jsonl`` (eval split) for every skill, its tune split, plus held-out text for perplexity.
 
-    Returns paths keyed by skill name, ``heldout`` (plain text, documents separated by a blank line) and
-    ``heldout_jsonl`` (one ``{"text": ...}`` document per line, what lm-eval's perplexity task reads).
+    Returns paths keyed by skill name, ``<skill>_tune`` (``<skill>.tune.jsonl``), ``heldout`` (plain text, documents
+    separated by a blank line) and ``heldout_jsonl`` (one ``{"text": ...}`` document per line, what lm-eval's
+    perplexity task reads).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,6 +274,7 @@ def write_skill_data(out_dir: str | Path, seed: int = 0, n_eval: int = 60) -> di
         p = out / f"{skill}.jsonl"
         _write_jsonl(p, make_examples(skill, "eval", n_eval, seed=seed))
         paths[skill] = p
+    paths.update({f"{s}_tune": p for s, p in write_tune_data(out, seed=seed).items()})
     docs = heldout_documents(seed=seed)
     paths["heldout"] = out / "heldout.txt"
     paths["heldout"].write_bytes(("\n\n".join(docs) + "\n").encode())
