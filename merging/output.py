@@ -18,14 +18,13 @@ from merging.errors import ConfigError, InputError
 from merging.hashing import file_sha256
 from merging.io import ShardLayout, model_file
 from merging.plan import Plan
-from merging.tokenizer import save_tokenizer
+from merging.tokenizer import CHAT_TEMPLATES, save_tokenizer
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-BUILTIN_TEMPLATES = {"chatml": CHATML}
+BUILTIN_TEMPLATES = CHAT_TEMPLATES  # chatml, llama3, mistral, alpaca, exaone (merging.tokenizer)
+CHATML = CHAT_TEMPLATES["chatml"]
 
 
 def _versions() -> dict[str, str]:
@@ -105,17 +104,20 @@ def _chat_template(plan: Plan) -> str | None:
     tpl = plan.config.chat_template
     if not tpl:
         return None
-    if tpl == "auto":
+    if tpl == "auto":  # the template most models have (stripped, as mergekit compares them); ties: config order
         found = []
         for ck in plan.checkpoints:
             if not ck.path.is_dir():
                 continue
-            if f := model_file(ck.path, "tokenizer_config.json"):
+            t = None
+            if f := model_file(ck.path, "chat_template.jinja"):  # transformers prefers it to tokenizer_config's
+                t = f.read_text()
+            elif f := model_file(ck.path, "tokenizer_config.json"):
                 t = _read_json(f).get("chat_template")
-                if isinstance(t, str):
-                    found.append(t)
-            elif f := model_file(ck.path, "chat_template.jinja"):
-                found.append(f.read_text())
+                if isinstance(t, list):  # named templates: the default one
+                    t = next((e.get("template") for e in t if isinstance(e, dict) and e.get("name") == "default"), None)
+            if isinstance(t, str) and t.strip():
+                found.append(t.strip())
         return Counter(found).most_common(1)[0][0] if found else None
     if tpl in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[tpl]

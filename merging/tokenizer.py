@@ -396,3 +396,38 @@ def save_tokenizer(vocab: OutputVocab, out: Path) -> list[str]:
     before = {p.name for p in out.iterdir()}
     vocab.tokenizer.save_pretrained(str(out))
     return sorted({p.name for p in out.iterdir()} - before)
+
+
+# Built-in chat templates by name (`chat_template: chatml`), the names mergekit documents. chatml, llama3 and mistral
+# render exactly what mergekit 0.1.5's templates render (llama3 there puts a newline after each <|eot_id|>, which
+# Meta's own template does not); alpaca and exaone render the formats' text without the stray whitespace that
+# mergekit's template files leak into the prompt (identical once whitespace is ignored; tests check both).
+CHAT_TEMPLATES = {
+    "chatml": "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+              "{% endif %}",
+    "llama3": "{% for message in messages %}{% if loop.first %}{{ bos_token }}{% endif %}{{ '<|start_header_id|>' + "
+              "message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+              "{% endif %}",
+    "mistral": "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+               "{% set turns = messages[1:] %}{% else %}{% set turns = messages %}{% endif %}{{ bos_token }}"
+               "{% for message in turns %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('After the optional system message, roles must alternate user/assistant') }}"
+               "{% endif %}{% if message['role'] == 'user' %}{{ ' [INST] ' }}{% if loop.first and system is defined %}"
+               "{{ system + '\\n\\n' }}{% endif %}{{ message['content'] + ' [/INST]' }}"
+               "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+               "{% else %}{{ raise_exception('Only user and assistant roles (and a first system message) are supported') }}"
+               "{% endif %}{% endfor %}",
+    "alpaca": "{% set ns = namespace(parts=[]) %}{% set system = messages | selectattr('role', 'equalto', 'system') | list %}"
+              "{% if system %}{% set ns.parts = ns.parts + [system[-1]['content'] | trim] %}{% endif %}"
+              "{% for message in messages %}{% set head = {'user': '### Instruction:', 'assistant': '### Response:', "
+              "'user_context': '### Input:'}.get(message['role']) %}{% if head %}"
+              "{% set ns.parts = ns.parts + [head + '\\n' + message['content'] | trim] %}{% endif %}{% endfor %}"
+              "{{ ns.parts | join('\\n\\n') }}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
+              "{{ '\\n\\n### Response:\\n' }}{% endif %}",
+    "exaone": "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+              "{{ '[|system|][|endofturn|]\\n' }}{% endif %}{{ '[|' + message['role'] + '|]' + message['content'] }}"
+              "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}",
+}
