@@ -8,6 +8,7 @@ untouched, and `resume` picks up from the verified shards.
 
 from __future__ import annotations
 
+import contextvars
 import fcntl
 import hashlib
 import json
@@ -63,10 +64,10 @@ class MergeResult:
 
 @contextmanager
 def compute_threads(n: int | None = None) -> Iterator[None]:
-    """torch's intra-op threads for the merge: one core fewer than the machine has (at least one), since the reader
-    and writer threads need a core for copying and hashing; restored afterwards. ALLOY_THREADS overrides.
-    On this 2-core machine, under load, one compute thread ran a linear merge 2.4x faster than two."""
-    n = n or int(os.environ.get("ALLOY_THREADS", 0)) or max(1, (os.cpu_count() or 2) - 1)
+    """torch's intra-op threads for each compute worker (default 1: the workers, one per core, are the
+    parallelism); restored afterwards. ALLOY_THREADS overrides. Measured on this 2-core machine under load: one
+    intra-op thread ran a linear merge 2.4x faster than two."""
+    n = n or int(os.environ.get("ALLOY_THREADS", 0)) or 1
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -151,26 +152,47 @@ def _task_bytes(plan: Plan, task: TensorTask) -> int:
     return sum(plan.checkpoints[m].info(n).nbytes for m, n in refs)
 
 
+def compute_workers() -> int:
+    """Tensors computed side by side, each on one torch thread: element-wise passes over slices parallelise poorly
+    inside an op, while whole tensors in separate threads (torch releases the GIL) keep every core busy.
+    ALLOY_COMPUTE_WORKERS overrides."""
+    return int(os.environ.get("ALLOY_COMPUTE_WORKERS", 0)) or max(1, os.cpu_count() or 1)
+
+
 def iter_computed(plan: Plan, tasks: list[TensorTask], *, seed: int, device: str = "cpu",
-                  kernels: bool | None = None, workers: int = 2) -> Iterator[tuple[TensorTask, torch.Tensor]]:
-    """Yield (task, output) in order, reading ahead within PREFETCH_BYTES while the current task computes."""
+                  kernels: bool | None = None, workers: int = 2,
+                  compute: int | None = None) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+    """Yield (task, output) in order: inputs are read ahead within PREFETCH_BYTES and computed by `compute`
+    threads (default compute_workers(); one on a GPU) while earlier outputs are consumed."""
+    compute = compute or (1 if device.startswith("cuda") else compute_workers())
     pending: deque[tuple[TensorTask, Future, int]] = deque()
     in_flight = 0
     nxt = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="alloy-read") as pool:
-        while nxt < len(tasks) or pending:
-            while nxt < len(tasks) and (not pending or in_flight + _task_bytes(plan, tasks[nxt]) <= PREFETCH_BYTES):
-                t = tasks[nxt]
-                size = _task_bytes(plan, t)
-                pending.append((t, pool.submit(_load, plan, t), size))
-                in_flight += size
-                nxt += 1
-            task, fut, size = pending.popleft()
-            xs, b = fut.result()
-            out = compute_tensor(task, xs, b, seed=seed, device=device, kernels=kernels)
-            del xs, b
-            in_flight -= size
-            yield task, out
+
+    def job(task: TensorTask, read: Future) -> torch.Tensor:
+        xs, b = read.result()
+        return compute_tensor(task, xs, b, seed=seed, device=device, kernels=kernels)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="alloy-read") as readers, \
+            ThreadPoolExecutor(max_workers=compute, thread_name_prefix="alloy-compute",
+                               initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as computers:
+        try:
+            while nxt < len(tasks) or pending:
+                while nxt < len(tasks) and (not pending or in_flight + _task_bytes(plan, tasks[nxt]) <= PREFETCH_BYTES):
+                    t = tasks[nxt]
+                    size = _task_bytes(plan, t)
+                    read = readers.submit(_load, plan, t)
+                    # each job runs in a copy of this context: the tie rule and NaN policy are context variables
+                    pending.append((t, computers.submit(contextvars.copy_context().run, job, t, read), size))
+                    in_flight += size
+                    nxt += 1
+                task, fut, size = pending.popleft()
+                out = fut.result()
+                in_flight -= size
+                yield task, out
+        finally:  # an error or an abandoned generator: queued work is dropped, running jobs finish
+            for _, fut, _ in pending:
+                fut.cancel()
 
 
 class _Writer:
