@@ -13,9 +13,9 @@ from alloy.cmd_pipeline import _common, _env
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alloy search", description="Search merge recipes (method, per-model weights "
-                                "and densities, lambda) with Optuna; each trial merges in memory, is scored with "
-                                "lm-eval and logged as an MLflow child run; the best is written as a mergekit YAML.")  # fmt: skip
+    p = argparse.ArgumentParser(prog="alloy search", description=(
+        "Search merge recipes (method, per-model weights and densities, lambda) with Optuna; each trial merges in "
+        "memory, is scored with lm-eval and logged as an MLflow child run; the best is written as a mergekit YAML."))
     _common(p)
     p.add_argument("--trials", type=int, default=None, metavar="N",
                    help="finished trials the study should hold (default: search.trials); a resumed study runs "
@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     reg = p.add_mutually_exclusive_group()
     reg.add_argument("--register", dest="register", action="store_true", default=None,
                      help="send the best recipe through merge -> quant-check -> evaluate -> register as `search-best`")
-    reg.add_argument("--no-register", dest="register", action="store_false", help="do not (overrides search.register_best)")
+    reg.add_argument("--no-register", dest="register", action="store_false",
+                     help="do not (overrides search.register_best)")
     return p
 
 

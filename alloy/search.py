@@ -91,7 +91,8 @@ def weighted_score(scores: dict[str, dict[str, float]], weights: dict[str, float
     prim = {t.removesuffix(TUNE): v for t, v in primary_scores(scores).items()}
     missing = [t for t in weights if t not in prim]
     if missing:
-        raise InputError(f"objective: no score for task {missing[0]!r} (evaluation returned {', '.join(prim) or 'none'})")
+        got = ", ".join(prim) or "none"
+        raise InputError(f"objective: no score for task {missing[0]!r} (evaluation returned {got})")
     return sum(w * prim[t] for t, w in weights.items()) / sum(weights.values())
 
 
@@ -356,7 +357,10 @@ def model_refs(params: Params, paths: dict[str, str]) -> dict[str, str]:
     out = {}
     for n, p in paths.items():
         spec = known.get(n)
-        out[n] = spec.hub + (f"@{spec.revision}" if spec.revision else "") if spec and spec.hub else str(Path(p).resolve())
+        if spec and spec.hub:
+            out[n] = spec.hub + (f"@{spec.revision}" if spec.revision else "")
+        else:
+            out[n] = str(Path(p).resolve())
     return out
 
 

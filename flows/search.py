@@ -136,48 +136,22 @@ def merge_search(params_path: str = "params.yaml", overrides: list[str] | None =
             "fixed": space.parameters, "layer_groups": space.layer_groups, "objective": weights,
             "tune_split": spec.tune_split, "tune_limit": spec.limit, "seed": spec.seed,
             "startup_trials": spec.startup_trials,
-        } if new_parent else None, tags={"alloy.heldout_limit": heldout_limit, "alloy.parallelism": spec.parallelism,
-                                         "alloy.trials": target,
-                                         **{f"alloy.model.{n}.digest": m["digest"] for n, m in models.items()}})  # fmt: skip
+        } if new_parent else None, tags={
+            "alloy.heldout_limit": heldout_limit, "alloy.parallelism": spec.parallelism, "alloy.trials": target,
+            **{f"alloy.model.{n}.digest": m["digest"] for n, m in models.items()}})  # fmt: skip
 
         done_before = len(S.finished(study))
         todo = max(0, target - done_before)
         print(f"study {study.study_name} ({S.storage_url(params)}): {done_before} trials done, "
               f"{todo} to run, {spec.parallelism} at a time")  # fmt: skip
+        run = {"paths": paths, "tune": tune, "heldout": heldout, "weights": weights, "seed": params.merge.seed,
+               "merge_device": params.merge.device, "eval_device": params.eval.device, "dtype": params.merge.dtype,
+               "batch_size": params.eval.batch_size}  # fmt: skip
         ran: list[int] = []
         while todo > 0:
-            batch = []
-            for _ in range(min(spec.parallelism, todo)):
-                trial = study.ask()
-                cfg = S.suggest_config(trial, space)
-                run_id = registry.start_run(uri, exp_id, f"trial {trial.number}: {cfg['merge_method']}",
-                                            parent_run_id=parent, tags={
-                                                "alloy.role": "trial", "alloy.study": study.study_name,
-                                                "alloy.trial": trial.number, "alloy.method": cfg["merge_method"]})  # fmt: skip
-                registry.log(uri, run_id, params={"merge_method": cfg["merge_method"], "trial": trial.number,
-                                                  **flat_params(cfg)})  # fmt: skip
-                registry.log_artifacts(uri, run_id, texts={"config.yml": S.recipe_yaml(cfg, {})})
-                trial.set_user_attr("config", cfg)
-                trial.set_user_attr("mlflow_run_id", run_id)
-                fut = search_trial.submit(trial.number, cfg, paths, tune=tune, heldout=heldout, weights=weights,
-                                          seed=params.merge.seed, merge_device=params.merge.device,
-                                          eval_device=params.eval.device, dtype=params.merge.dtype,
-                                          batch_size=params.eval.batch_size, tracking={"uri": uri, "run_id": run_id})  # fmt: skip
-                batch.append((trial, run_id, fut))
+            batch = [_start_trial(study, space, run, uri, exp_id, parent) for _ in range(min(spec.parallelism, todo))]
             for trial, run_id, fut in batch:
-                res, err = _outcome(fut)
-                if err:
-                    trial.set_user_attr("error", err[:2000])
-                    study.tell(trial, state=_fail())
-                    registry.client(uri).set_tag(run_id, "alloy.error", err[:5000])
-                    registry.end_run(uri, run_id, failed=True)
-                    log.error(f"trial {trial.number}: {err}")
-                else:
-                    for key in ("heldout_objective", "merge_seconds", "eval_seconds", "seconds", "tune", "heldout"):
-                        if key in res:
-                            trial.set_user_attr(key, res[key])
-                    study.tell(trial, res["objective"])
-                    registry.end_run(uri, run_id)
+                _end_trial(study, trial, run_id, fut, uri, log)
                 ran.append(trial.number)
             todo -= len(batch)
 
@@ -188,10 +162,40 @@ def merge_search(params_path: str = "params.yaml", overrides: list[str] | None =
         registry.end_run(uri, parent, failed=failed)
 
 
-def _fail():
+def _start_trial(study, space: S.Space, run: dict, uri: str, exp_id: str, parent: str) -> tuple:
+    """Ask the study for a trial, open its MLflow child run, submit it to the task runner."""
+    trial = study.ask()
+    cfg = S.suggest_config(trial, space)
+    method = cfg["merge_method"]
+    tags = {"alloy.role": "trial", "alloy.study": study.study_name, "alloy.trial": trial.number, "alloy.method": method}
+    run_id = registry.start_run(uri, exp_id, f"trial {trial.number}: {method}", parent_run_id=parent, tags=tags)
+    registry.log(uri, run_id, params={"merge_method": method, "trial": trial.number, **flat_params(cfg)})
+    registry.log_artifacts(uri, run_id, texts={"config.yml": S.recipe_yaml(cfg, {})})
+    trial.set_user_attr("config", cfg)
+    trial.set_user_attr("mlflow_run_id", run_id)
+    paths = run["paths"]
+    kw = {k: v for k, v in run.items() if k != "paths"}
+    fut = search_trial.submit(trial.number, cfg, paths, **kw, tracking={"uri": uri, "run_id": run_id})
+    return trial, run_id, fut
+
+
+def _end_trial(study, trial, run_id: str, fut, uri: str, log) -> None:
+    """Tell the study the trial's tune objective (or that it failed, and why), and close its run."""
     from optuna.trial import TrialState
 
-    return TrialState.FAIL
+    res, err = _outcome(fut)
+    if err:
+        trial.set_user_attr("error", err[:2000])  # a failed trial counts towards the budget; an interrupted one not
+        study.tell(trial, state=TrialState.FAIL)
+        registry.client(uri).set_tag(run_id, "alloy.error", err[:5000])
+        registry.end_run(uri, run_id, failed=True)
+        log.error(f"trial {trial.number}: {err}")
+        return
+    for key in ("heldout_objective", "merge_seconds", "eval_seconds", "seconds", "tune", "heldout"):
+        if key in res:
+            trial.set_user_attr(key, res[key])
+    study.tell(trial, res["objective"])
+    registry.end_run(uri, run_id)
 
 
 def _finish(study, params: Params, params_file: Path, models: dict, weights: dict, results: Path, uri: str,
@@ -213,8 +217,8 @@ def _finish(study, params: Params, params_file: Path, models: dict, weights: dic
                 f"tune objective {best.value:.4f}" + (f", held-out {held:.4f}" if held is not None else "")
                 + f"\nobjective: weighted mean of {json.dumps(weights)}; params {params_file}")  # fmt: skip
         recipe = S.write_recipe(out_dir / S.RECIPE_FILE, cfg, refs, note)
-        summary["best"] = {"trial": best.number, "objective": best.value, "heldout_objective": held,
-                           "config": cfg, "recipe": str(recipe), "run_id": best.user_attrs.get("mlflow_run_id")}  # fmt: skip
+        summary["best"] = {"trial": best.number, "objective": best.value, "heldout_objective": held, "config": cfg,
+                           "recipe": str(recipe), "run_id": best.user_attrs.get("mlflow_run_id")}  # fmt: skip
         registry.log(uri, parent, metrics={"best.objective": best.value,
                                            **({"best.heldout_objective": held} if held is not None else {})},
                      tags={"alloy.best_trial": best.number, "alloy.best_recipe": str(recipe)})  # fmt: skip
@@ -226,8 +230,8 @@ def _finish(study, params: Params, params_file: Path, models: dict, weights: dic
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     registry.log(uri, parent, metrics={"search.seconds": summary["seconds"], "search.trials": len(rows),
                                        "search.ran": len(ran)})  # fmt: skip
-    registry.log_artifacts(uri, parent, files=[out_dir / S.RECIPE_FILE, params_file],
-                           texts={"trials.md": table + "\n"}, dicts={"summary.json": json.loads(json.dumps(summary, default=str))})  # fmt: skip
+    registry.log_artifacts(uri, parent, files=[out_dir / S.RECIPE_FILE, params_file], texts={"trials.md": table + "\n"},
+                           dicts={"summary.json": json.loads(json.dumps(summary, default=str))})  # fmt: skip
     return summary
 
 
@@ -252,5 +256,6 @@ def promote(params_path: str | os.PathLike, overrides: list[str] | None, config:
 
     only = f"candidates={json.dumps({PROMOTED: {'config': config}})}"
     res = run_pipeline(params_path, [*(overrides or []), only], runner=runner, address=address)
-    return {"pipeline_run_id": res["parent_run_id"], **{k: v for k, v in res["candidates"].get(PROMOTED, {}).items()
-                                                         if k in ("run_id", "metrics", "registration", "error")}}  # fmt: skip
+    entry = res["candidates"].get(PROMOTED, {})
+    keep = ("run_id", "metrics", "registration", "error")
+    return {"pipeline_run_id": res["parent_run_id"], **{k: v for k, v in entry.items() if k in keep}}

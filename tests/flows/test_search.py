@@ -83,7 +83,8 @@ def test_search_end_to_end_resume_and_promote(tmp_path, tiny_family) -> None:
     assert cfg.merge_method == best["config"]["merge_method"]
     assert str(cfg.base_model) == str(tiny_family.base)
     mergekit = pytest.importorskip("mergekit.config")
-    assert mergekit.MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text())).merge_method == cfg.merge_method
+    theirs = mergekit.MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text()))
+    assert theirs.merge_method == cfg.merge_method and len(theirs.models) == 2
     merged = merge_to_state_dict(recipe, seed=0)
     assert merged.n_tensors > 0 and merged.out_dir is None
     top = max((r for r in first["trials"] if r["state"] == "COMPLETE"), key=lambda r: (r["tune"], -r["trial"]))

@@ -28,7 +28,7 @@ def _params(tmp_path: Path, **search):
     return parse_params(data, root=tmp_path, source="params.yaml")
 
 
-def _fixed(space: S.Space, values: dict):
+def _fixed(values: dict):
     import optuna
 
     return optuna.trial.FixedTrial(values)
@@ -41,19 +41,19 @@ def test_suggested_configs_follow_each_methods_signature(tmp_path) -> None:
     assert space.models == ("a", "b") and space.base == "base"
     w = {f"{m}.weight.g{g}": 0.5 + 0.1 * g for m in ("a", "b") for g in range(3)}
 
-    ta = S.suggest_config(_fixed(space, {"method": "task_arithmetic", "lambda": 0.8, **w}), space)
+    ta = S.suggest_config(_fixed({"method": "task_arithmetic", "lambda": 0.8, **w}), space)
     assert ta["models"][0] == {"model": "a", "parameters": {"weight": [0.5, 0.6, 0.7]}}  # density: unused by TA
     assert ta["parameters"] == {"lambda": 0.8, "normalize": False}
     parse_config(ta)
 
-    ties = S.suggest_config(_fixed(space, {"method": "ties", "lambda": 1.0, "a.density": 0.4, "b.density": 0.9, **w}),
+    ties = S.suggest_config(_fixed({"method": "ties", "lambda": 1.0, "a.density": 0.4, "b.density": 0.9, **w}),
                             space)  # fmt: skip
     assert [m["parameters"]["density"] for m in ties["models"]] == [0.4, 0.9]
     assert ties["base_model"] == "base" and ties["merge_method"] == "ties"
     assert S.describe(ties) == "lambda 1 · weight [0.5,0.6,0.7]/[0.5,0.6,0.7] · density 0.4/0.9"
 
     # DELLA keeps elements with probability density +/- epsilon: near 1 the default 0.15 would leave (0, 1)
-    della = S.suggest_config(_fixed(space, {"method": "della", "lambda": 1.0, "a.density": 0.95, "b.density": 0.5,
+    della = S.suggest_config(_fixed({"method": "della", "lambda": 1.0, "a.density": 0.95, "b.density": 0.5,
                                             **w}), space)  # fmt: skip
     eps = [m["parameters"]["epsilon"] for m in della["models"]]
     assert eps[0] == pytest.approx(0.045) and eps[1] == 0.15
@@ -137,7 +137,8 @@ def test_tune_data_written_beside_a_family_that_lacks_it(tmp_path) -> None:
     out = S.tune_data_dir(data, tmp_path / "fallback")
     assert out.parent == (tmp_path / "fallback").resolve()
     assert not list(data.glob("*.tune.jsonl"))  # the family's folder is left as it was
-    assert not {r["question"] for r in _rows(data / "facts.jsonl")} & {r["question"] for r in _rows(out / "facts.tune.jsonl")}
+    held, tune = _rows(data / "facts.jsonl"), _rows(out / "facts.tune.jsonl")
+    assert tune and not {r["question"] for r in held} & {r["question"] for r in tune}
     assert S.tune_data_dir(data, tmp_path / "fallback") == out
 
 
