@@ -82,7 +82,7 @@ def test_write_skill_data_is_byte_deterministic(tmp_path) -> None:
     p1 = skills.write_skill_data(tmp_path / "a", seed=7, n_eval=30)
     p2 = skills.write_skill_data(tmp_path / "b", seed=7, n_eval=30)
     p3 = skills.write_skill_data(tmp_path / "c", seed=8, n_eval=30)
-    assert set(p1) == {*skills.SKILLS, "heldout", "heldout_jsonl"}
+    assert set(p1) == {*skills.SKILLS, *(f"{s}_tune" for s in skills.SKILLS), "heldout", "heldout_jsonl"}
     for key in p1:
         assert p1[key].read_bytes() == p2[key].read_bytes(), key
     assert p1["facts"].read_bytes() != p3["facts"].read_bytes()
