@@ -55,6 +55,9 @@ def spec_of(params: Params) -> SearchSpec:
 def space_of(params: Params) -> Space:
     spec = spec_of(params)
     known = params.all_models()
+    if spec.base_model not in known:
+        have = ", ".join(known) or "none"
+        raise ConfigError(f"search.base_model: {spec.base_model!r} is not one of the models ({have})")
     models = spec.models or [n for n, m in known.items() if m.skill and n != spec.base_model]
     if not models:
         raise ConfigError("search.models: no models to merge (list them, or define models with a skill)")
@@ -400,7 +403,8 @@ def trial_rows(study) -> list[dict]:
         rows.append({
             "trial": t.number, "state": t.state.name, "method": cfg.get("merge_method", t.params.get("method")),
             "recipe": describe(cfg) if cfg else "", "tune": t.value, "heldout": t.user_attrs.get("heldout_objective"),
-            "merge_seconds": t.user_attrs.get("merge_seconds"), "seconds": t.user_attrs.get("seconds"),
+            "merge_seconds": t.user_attrs.get("merge_seconds"), "eval_seconds": t.user_attrs.get("eval_seconds"),
+            "seconds": t.user_attrs.get("seconds"),
             "run_id": t.user_attrs.get("mlflow_run_id"), "error": t.user_attrs.get("error"),
         })  # fmt: skip
     return rows
@@ -411,10 +415,10 @@ def render_table(rows: list[dict], best: int | None = None) -> str:
     def num(v: Any, nd: int = 3) -> str:
         return "" if v is None else f"{v:.{nd}f}"
 
-    lines = ["| trial | method | recipe | tune | held-out | merge s | trial s |", "|---:|---|---|---:|---:|---:|---:|"]
+    lines = ["| trial | method | recipe | tune | held-out | merge s | eval s |", "|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         mark = " *" if r["trial"] == best else ""
         state = "" if r["state"] == "COMPLETE" else f" ({r['state'].lower()})"
         lines.append(f"| {r['trial']}{mark} | {r['method'] or ''}{state} | {r['recipe']} | {num(r['tune'])} | "
-                     f"{num(r['heldout'])} | {num(r['merge_seconds'], 1)} | {num(r['seconds'], 1)} |")  # fmt: skip
+                     f"{num(r['heldout'])} | {num(r['merge_seconds'], 1)} | {num(r['eval_seconds'], 1)} |")  # fmt: skip
     return "\n".join(lines)

@@ -152,3 +152,17 @@ def test_recipe_yaml_names_models_by_folder(tmp_path) -> None:
     with pytest.raises(ConfigError):  # what could not be read back is not written
         S.write_recipe(tmp_path / "bad.yml", {"merge_method": "ties"}, {})
     assert not (tmp_path / "bad.yml").exists()
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
+    from alloy.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "models": {"base": {"path": str(tmp_path)}, "a": {"path": str(tmp_path), "skill": "facts"}},
+        "candidates": [{"name": "x", "method": "task_arithmetic", "base_model": "base", "models": ["a"],
+                        "parameters": {"weight": 1.0}}]}))  # fmt: skip
+    assert main(["search", "--params", str(params), "--set", "search.methods=[tie]"]) == 2
+    assert "search.methods: 'tie' is not a merge method" in capsys.readouterr().err
+    assert main(["search", "--params", str(params), "--trials", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "alloy: error: --trials 0: must be at least 1"
