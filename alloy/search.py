@@ -173,9 +173,10 @@ def _short(v: Any) -> str:
 # ------------------------------------------------------------------------------------------------ the study
 
 
-def study_name(params: Params) -> str:
+def study_name(params: Params, inputs: dict[str, str] | None = None) -> str:
     """`<params.name>-<digest>`: the same search (space, models, objective, tune data, seeds) finds its study again;
-    the budget, parallelism and held-out settings are not part of it, so `--trials` can grow a study."""
+    the budget, parallelism and held-out settings are not part of it, so `--trials` can grow a study. `inputs`
+    ({model or data: content digest}) makes models retrained in place, or other tune data, a new study."""
     spec = spec_of(params)
     space = space_of(params)
     known = params.all_models()
@@ -187,6 +188,7 @@ def study_name(params: Params) -> str:
         "seeds": [spec.seed, spec.startup_trials, params.merge.seed],
         "models": {n: known[n].model_dump(exclude_none=True) for n in (space.base, *space.models)},
         "family": params.family.model_dump(exclude={"out"}) if params.family else None,
+        "inputs": inputs or {},
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{params.name}-{digest}"
@@ -211,7 +213,7 @@ def _optuna():
     return optuna
 
 
-def open_study(params: Params):
+def open_study(params: Params, inputs: dict[str, str] | None = None):
     """(study, interrupted): the study, created or loaded to resume, with a sampler seeded by (search.seed, finished
     trials) so a resumed study does not replay its first random trials; trials a killed run left RUNNING are marked
     failed and returned (they do not count towards the budget)."""
@@ -222,7 +224,8 @@ def open_study(params: Params):
     url = storage_url(params)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=study_name(params), storage=url, direction="maximize", load_if_exists=True)
+    name = study_name(params, inputs)
+    study = optuna.create_study(study_name=name, storage=url, direction="maximize", load_if_exists=True)
     stale = study.get_trials(deepcopy=True, states=(TrialState.RUNNING, TrialState.WAITING))
     for t in stale:
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -250,6 +253,14 @@ def best_trial(study):
 # ------------------------------------------------------------------------------------------------ data
 
 
+def data_digest(data_dir: str | Path, files: list[str]) -> str:
+    """sha256 over the named files of a data folder (what a study's tune split is)."""
+    h = hashlib.sha256()
+    for name in files:
+        h.update(name.encode() + b"\0" + (Path(data_dir) / name).read_bytes())
+    return h.hexdigest()
+
+
 def tune_data_dir(data_dir: str | Path, fallback: str | Path) -> Path:
     """Where the tune split lies: beside the held-out files when the family wrote it, else written (once, from the
     held-out files, so it stays disjoint from them) into `fallback/<digest of the held-out files>`."""
@@ -264,7 +275,7 @@ def tune_data_dir(data_dir: str | Path, fallback: str | Path) -> Path:
         if not f.is_file():
             raise InputError(f"{f}: held-out file missing (is {data} the family's data folder?)")
         h.update(f.read_bytes())
-    out = Path(fallback).resolve() / h.hexdigest()[:16]
+    out = Path(fallback).resolve() / h.hexdigest()[:16]  # the tune split follows from the held-out files
     if not all((out / f"{s}{TUNE_SUFFIX}").is_file() for s in SKILLS):
         tmp = out.with_name(f".{out.name}.{os.getpid()}")
         write_tune_data(tmp, heldout_dir=data)

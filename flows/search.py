@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger
 from alloy import registry
 from alloy import search as S
 from alloy.pipeline_params import Params, flat_params, load_params
+from eval.skills import data_file
 from flows.pipeline import _outcome, task_runner
 from merging.errors import ConfigError
 from tasks.download import download
@@ -32,7 +33,7 @@ from tasks.search import search_trial
 PROMOTED = "search-best"
 
 
-def _resolve_models(params: Params, names: list[str], track: dict | None) -> tuple[dict[str, dict], dict | None]:
+def _resolve_models(params: Params, names: list[str]) -> tuple[dict[str, dict], dict | None]:
     """{name: download info} for the searched models, building the demo family first when they come from it."""
     known = params.all_models()
     spec = lambda n: known[n].model_dump(exclude_none=True)  # noqa: E731
@@ -42,8 +43,7 @@ def _resolve_models(params: Params, names: list[str], track: dict | None) -> tup
     if params.family and any(known[n].family for n in names):
         fam = params.family
         base = download.submit(fam.base, spec(fam.base), root, models_dir).result() if fam.base else None
-        family = demo_family.submit(fam.kind, str(params.family_dir()), fam.seed, fam.builder_kwargs(), base,
-                                    tracking=track).result()  # fmt: skip
+        family = demo_family.submit(fam.kind, str(params.family_dir()), fam.seed, fam.builder_kwargs(), base).result()
         members = {"base": family["base"], **family["specialists"]}
     futs = {n: download.submit(n, spec(n), root, models_dir, members) for n in names}
     return {n: f.result() for n, f in futs.items()}, family
@@ -108,9 +108,23 @@ def merge_search(params_path: str = "params.yaml", overrides: list[str] | None =
     weights = S.objective_weights(params)
     results = params.path(params.paths.results)
 
+    # the inputs first: their content is part of the study's identity
+    models, family = _resolve_models(params, [space.base, *space.models])
+    paths = {n: m["path"] for n, m in models.items()}
+    data = params.path(params.eval.data_dir) if params.eval.data_dir else (
+        Path(family["data_dir"]) if family else None)  # fmt: skip
+    if data is None:
+        raise ConfigError(f"{params_file}: search: no skills data (set eval.data_dir, or a family)")
+    tune_dir = S.tune_data_dir(data, results / "search" / "tune-data") if spec.tune_split == "tune" else data
+    tune = {"tasks": S.tune_tasks(params), "data_dir": str(tune_dir), "limit": spec.limit}
+    heldout_limit = spec.heldout_limit or params.eval.limit
+    heldout = {"tasks": list(weights), "data_dir": str(data), "limit": heldout_limit} if spec.heldout else None
+    tune_files = sorted({data_file(t, Path(tune_dir)).name for t in tune["tasks"]})
+    inputs = {**{n: m["digest"] for n, m in models.items()}, "tune_data": S.data_digest(tune_dir, tune_files)}
+
     uri = params.tracking_uri()
     exp_id = registry.ensure_experiment(uri, params.mlflow.experiment, params.path(params.mlflow.artifact_location))
-    study, stale = S.open_study(params)
+    study, stale = S.open_study(params, inputs)
     parent, new_parent = _parent_run(study, uri, exp_id, params, params_file)
     for t in stale:  # a killed run's trials: their runs say so
         if t.user_attrs.get("mlflow_run_id"):
@@ -118,17 +132,6 @@ def merge_search(params_path: str = "params.yaml", overrides: list[str] | None =
             registry.end_run(uri, t.user_attrs["mlflow_run_id"], failed=True)
     failed = True
     try:
-        track = {"uri": uri, "run_id": parent}
-        models, family = _resolve_models(params, [space.base, *space.models], track)
-        paths = {n: m["path"] for n, m in models.items()}
-        data = params.path(params.eval.data_dir) if params.eval.data_dir else (
-            Path(family["data_dir"]) if family else None)  # fmt: skip
-        if data is None:
-            raise ConfigError(f"{params_file}: search: no skills data (set eval.data_dir, or a family)")
-        tune_dir = S.tune_data_dir(data, results / "search" / "tune-data") if spec.tune_split == "tune" else data
-        tune = {"tasks": S.tune_tasks(params), "data_dir": str(tune_dir), "limit": spec.limit}
-        heldout_limit = spec.heldout_limit or params.eval.limit
-        heldout = {"tasks": list(weights), "data_dir": str(data), "limit": heldout_limit} if spec.heldout else None
         # MLflow params cannot change: the study's identity is fixed by its name; runtime knobs go in tags
         registry.log(uri, parent, params={
             "study": study.study_name, "storage": S.storage_url(params), "methods": ",".join(space.methods),

@@ -69,6 +69,8 @@ def test_study_name_is_the_search_not_its_budget(tmp_path) -> None:
     assert S.study_name(_params(tmp_path, ranges={"weight": [0.1, 1.0]})) != base
     assert S.study_name(_params(tmp_path, objective={"facts_em": 2, "words_em": 1})) != base
     assert S.study_name(_params(tmp_path, seed=1)) != base
+    # the same settings over other model bytes (a family retrained in place) are another study
+    assert S.study_name(_params(tmp_path), {"a": "1" * 64}) != S.study_name(_params(tmp_path), {"a": "2" * 64})
     # the default storage lies beside the MLflow sqlite file
     assert S.storage_url(_params(tmp_path)) == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
 
