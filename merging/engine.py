@@ -34,7 +34,7 @@ from merging.methods.registry import REGISTRY
 from merging.plan import Plan, TensorTask, build_plan
 
 JOURNAL = "alloy_journal.json"
-PREFETCH_BYTES = int(os.environ.get("ALLOY_PREFETCH_MB", 768)) * 1024**2  # inputs read ahead of the computing task
+PREFETCH_BYTES = int(os.environ.get("ALLOY_PREFETCH_MB", 256)) * 1024**2  # inputs read ahead of the computing tasks
 CHUNK = 1 << 22  # elements per slice for element-wise methods
 # methods whose output element i depends on input elements i alone (no norms, thresholds or random streams)
 ELEMENTWISE = frozenset({"linear", "task_arithmetic", "nearswap", "passthrough"})
