@@ -7,6 +7,10 @@ Registration (`register_candidate`) creates a model version with `create_model_v
 (`mlflow.register_model` fails for plain logged folders and leaves an empty registered model behind), tags it with its
 lineage, and moves the alias `champion` only when the candidate beats the current champion on the chosen metric.
 A failed quantisation check blocks registration, and the reason is written on the run.
+
+After a kill: every run is tagged with the process that opened it (`alloy.process`, host:pid:start time), so the next
+pipeline run marks runs left RUNNING by a dead process KILLED (`mark_dead_runs`); and a version of the same merge
+(tag `alloy.manifest_sha256`) registered by a run that was killed or failed is reused, not registered again.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,9 +63,69 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | Pat
 def start_run(tracking_uri: str, experiment_id: str, name: str, *, parent_run_id: str | None = None,
               tags: dict[str, Any] | None = None) -> str:
     tags = {k: _tag(v) for k, v in (tags or {}).items()}
+    tags[PROCESS_TAG] = process_id()
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     return client(tracking_uri).create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+# ----------------------------------------------------------------------------------- runs of dead processes
+
+PROCESS_TAG = "alloy.process"
+
+
+def _proc_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux /proc), None when there is no such live process (or no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+    return None if fields[0] in ("Z", "X") else fields[19]  # state is field 3, starttime field 22
+
+
+def process_id(pid: int | None = None) -> str:
+    """host:pid:start. The start time tells a reused pid apart from the process that opened the run."""
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_proc_start(pid) or ''}"
+
+
+def process_gone(tag: str) -> bool:
+    """True only when the process named by `tag` is known to be dead: it ran on this host, and its pid is free, a
+    zombie, or now another process's. A run from another host cannot be judged from here: False."""
+    host, _, rest = tag.partition(":")
+    pid_s, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_s.isdigit():
+        return False
+    pid = int(pid_s)
+    if Path("/proc/self/stat").is_file():
+        now = _proc_start(pid)
+        return now is None or (bool(start) and now != start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, under another user
+        return False
+    return False
+
+
+def mark_dead_runs(tracking_uri: str, experiment_id: str) -> list[str]:
+    """Runs of the experiment still RUNNING although their process is dead (kill -9, power loss): set KILLED, with
+    a tag saying why. A report or a search for running work then never waits on them. Returns their ids."""
+    c = client(tracking_uri)
+    dead, token = [], None
+    while True:
+        page = c.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000, page_token=token)
+        for r in page:
+            tag = r.data.tags.get(PROCESS_TAG)
+            if tag and process_gone(tag):
+                c.set_tag(r.info.run_id, "alloy.killed", f"its process {tag} was gone when {process_id()} looked")
+                c.set_terminated(r.info.run_id, status="KILLED")
+                dead.append(r.info.run_id)
+        token = page.token
+        if not token:
+            return dead
 
 
 def end_run(tracking_uri: str, run_id: str, failed: bool = False) -> None:
@@ -177,21 +242,53 @@ def register_candidate(tracking_uri: str, name: str, run_id: str, *, metric: str
     tags = {f"alloy.{k}": _tag(v) for k, v in (lineage or {}).items()}
     if score is not None:
         tags[_score_tag(metric)] = repr(float(score))
-    mv = c.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags,
-                                description=f"{(lineage or {}).get('run_name', '')}".strip() or None)  # fmt: skip
-    if score is None or not math.isfinite(score):
-        reason = f"registered as version {mv.version}; no {metric} score, so the champion stays"
+    key = (lineage or {}).get("manifest_sha256")
+    mv = _left_by_unfinished_run(c, name, str(key)) if key else None
+    if mv is not None:  # these bytes, registered by a run that died before it finished: finish that registration
+        what = f"version {mv.version} of this merge (registered by run {mv.run_id}, which did not finish) reused"
+        if score is not None:
+            c.set_model_version_tag(name, mv.version, _score_tag(metric), repr(float(score)))
+        c.set_model_version_tag(name, mv.version, "alloy.reused_by_run", run_id)
+        c.set_tag(mv.run_id, "alloy.registration", f"finished by run {run_id}")
+    else:
+        mv = c.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags,
+                                    description=f"{(lineage or {}).get('run_name', '')}".strip() or None)  # fmt: skip
+        what = f"registered as version {mv.version}"
+        time.sleep(float(os.environ.get("ALLOY_TEST_SLOW_REGISTER", 0)))  # the fault tests kill the process here
+    if before and before["version"] == str(mv.version):  # a reused version that got the alias before the kill
+        reason = f"{what}; it is {CHAMPION} already"
+        won = True
+    elif score is None or not math.isfinite(score):
+        reason = f"{what}; no {metric} score, so the champion stays"
         won = False
     elif _beats(score, before["score"] if before else None, higher_is_better):
         c.set_registered_model_alias(name, CHAMPION, mv.version)
         was = (f"version {before['version']} ({metric} {before['score']:.4g})" if before and before["score"] is not None
                else f"version {before['version']}" if before else "no champion")  # fmt: skip
-        reason = f"registered as version {mv.version} and made {CHAMPION}: {metric} {score:.4g} beats {was}"
+        reason = f"{what} and made {CHAMPION}: {metric} {score:.4g} beats {was}"
         won = True
     else:
-        reason = (f"registered as version {mv.version}; {CHAMPION} stays version {before['version']} "
+        reason = (f"{what}; {CHAMPION} stays version {before['version']} "
                   f"({metric} {score:.4g} does not beat {before['score']:.4g})")  # fmt: skip
         won = False
     c.set_tag(run_id, "alloy.registration", reason)
     c.set_tag(run_id, "alloy.model_version", str(mv.version))
     return Registration(True, version=str(mv.version), champion=won, reason=reason, previous_champion=before or {})
+
+
+def _left_by_unfinished_run(c, name: str, manifest_sha256: str):
+    """The oldest version of `name` holding these merge bytes whose registering run was killed or failed, else None.
+
+    Such a version is complete (its artifacts were logged before it was created), but the run that created it (or
+    the run that last took it over) never finished: registering the merge again would list the same weights twice.
+    A finished run's version is not reused: each pipeline run records its own versions, as before."""
+    found = c.search_model_versions(f"name = '{name}' and tags.`alloy.manifest_sha256` = '{manifest_sha256}'")
+    for mv in sorted(found, key=lambda v: int(v.version)):
+        owner = mv.tags.get("alloy.reused_by_run") or mv.run_id
+        try:
+            status = c.get_run(owner).info.status if owner else None
+        except Exception:  # the run was deleted
+            continue
+        if status in ("KILLED", "FAILED"):
+            return mv
+    return None

@@ -267,7 +267,8 @@ def _champion(c, registry_name: str | None, cands: list[RunView], metric: str, s
         found = {k: summary["champion"].get(k) for k in ("version", "run_id", "score")}
     if found is None:
         return None
-    v = by_run.get(found.get("run_id"))
+    v = by_run.get(found.get("run_id")) or next(  # or a candidate that reused the version a killed run registered
+        (x for x in cands if x.tags.get("alloy.model_version") == str(found.get("version"))), None)
     if found.get("score") is None and v is not None:
         found["score"] = _num(v.metrics.get(metric))
     found.update(candidate=v.name if v else None, metric=metric, registry_name=registry_name)

@@ -124,6 +124,9 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
     eval_cache = str(results_dir / "eval-cache")
     uri = params.tracking_uri()
     exp_id = registry.ensure_experiment(uri, params.mlflow.experiment, params.path(params.mlflow.artifact_location))
+    # runs a killed pipeline left RUNNING: KILLED now (their merges resume, their evaluations come from the cache)
+    if dead := registry.mark_dead_runs(uri, exp_id):
+        log.warning(f"MLflow: {len(dead)} run(s) of a pipeline that was killed marked KILLED: {', '.join(dead)}")
     parent_run = registry.start_run(uri, exp_id, f"{params.name} pipeline", tags={
         "alloy.role": "pipeline", "alloy.params_file": str(params_file), "alloy.git_revision": _git_revision(root),
         "alloy.candidates": ", ".join(c.name for c in candidates)})  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def merge_candidate(name: str, config: dict, models: dict[str, dict], out_dir: s
         manifest = res.manifest
         stats = {"seconds": res.seconds, "gb_per_s": res.gb_per_s, "peak_rss_bytes": res.peak_rss_bytes,
                  "bytes_in": res.bytes_in, "bytes_out": res.bytes_out, "n_tensors": res.n_tensors}  # fmt: skip
-        stats_file.write_text(json.dumps(stats, indent=2) + "\n")
+        tmp = stats_file.with_name(f"{stats_file.name}.{os.getpid()}.tmp")  # a kill leaves no half file
+        tmp.write_text(json.dumps(stats, indent=2) + "\n")
+        os.replace(tmp, stats_file)
         stats["reused"] = False
     return {
         "name": name,

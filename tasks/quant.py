@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from prefect import task
@@ -57,7 +58,9 @@ def check_model(model_dir: str | Path, texts_file: str | Path, thresholds: dict 
     report = quant_check(model_dir, texts, thresholds or {}, max_tokens=max_tokens, baseline=baseline).to_dict()
     if cache_file and key:
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(cache_file).write_text(json.dumps({"key": key, "report": report}, indent=1, default=str) + "\n")
+        tmp = Path(cache_file).with_name(f".{Path(cache_file).name}.{os.getpid()}.tmp")  # a kill leaves no half file
+        tmp.write_text(json.dumps({"key": key, "report": report}, indent=1, default=str) + "\n")
+        os.replace(tmp, cache_file)
     return {**report, "cached": False}
 
 
