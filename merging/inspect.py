@@ -106,7 +106,10 @@ def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "floa
         if task.base is None:
             continue
         base = plan.checkpoints[task.base[0]].read(task.base[1]).float()
-        deltas = [plan.checkpoints[m].read(n).float() - base for m, n in task.inputs]
+        xs = [plan.checkpoints[m].read(n).float() for m, n in task.inputs]
+        if task.align is not None:  # a tokenizer policy: rows re-indexed to the output vocabulary first
+            xs, base = task.align.apply(xs, base)
+        deltas = [x - base for x in xs]
         dens = density_of.get(task.name) or [1.0] * len(deltas)
         dens = [float(x) if x is not None else 1.0 for x in dens]
         overall.add(deltas, dens)

@@ -301,7 +301,9 @@ def parity_configs(f: dict[str, Path]) -> dict[str, dict]:
         {"model": shuf, "parameters": {"weight": 0.3}}]}
     return {
         "ties_union": ties(tokenizer_source="union"),
-        "ties_union_bf16": ties(tokenizer_source="union", dtype="bfloat16"),
+        # bf16 with an element-wise method: TIES's top-k in bf16 has tied magnitudes, and which of them survive
+        # depends on row order, which for mergekit's union changes from run to run
+        "task_arithmetic_union_bf16": task_arithmetic(tokenizer_source="union", dtype="bfloat16"),
         "linear_union": {**linear, "tokenizer_source": "union"},
         "linear_model_vocab": {**linear, "tokenizer_source": shuf},
         "task_arithmetic_base": task_arithmetic(tokenizer={"source": "base"}),
@@ -319,7 +321,8 @@ def parity_configs(f: dict[str, Path]) -> dict[str, dict]:
         "overlong_base_union": task_arithmetic(b=over, tokenizer_source="union"),
         "tied_union": {"merge_method": "task_arithmetic", "base_model": tbase, "tokenizer_source": "union",
                        "models": [{"model": text, "parameters": {"weight": 1.0}}]},
-        "slices_union": {"merge_method": "passthrough", "tokenizer_source": "union", "slices": [
+        # base_model only names the reference vocabulary here (without it mergekit picks one at random)
+        "slices_union": {"merge_method": "passthrough", "base_model": base, "tokenizer_source": "union", "slices": [
             {"sources": [{"model": base, "layer_range": [0, 1]}]}, {"sources": [{"model": shuf, "layer_range": [1, 2]}]}]},
     }
 
@@ -405,3 +408,45 @@ def test_union_output_carries_the_chosen_chat_template(vocab_family, tmp_path):
             assert expect in tok.apply_chat_template(CONVERSATIONS[2], tokenize=False)
     finally:
         (vocab_family["shuf"] / "chat_template.jinja").unlink()
+
+
+# ------------------------------------------------------------------------------------------------------ safety
+
+
+def test_tokenizer_files_are_read_safely(vocab_family, tmp_path):
+    """A tokenizer file linking out of the model folder is refused; a tokenizer that names custom code is loaded
+    without running it (or refused), never executed."""
+    import os
+    import shutil
+
+    base, shuf = M(vocab_family, "base", "shuf")
+    linked = tmp_path / "linked"
+    shutil.copytree(vocab_family["ext"], linked)
+    (tmp_path / "secret.json").write_text((linked / "tokenizer.json").read_text())
+    (linked / "tokenizer.json").unlink()
+    os.symlink(tmp_path / "secret.json", linked / "tokenizer.json")
+    cfg = _ta(vocab_family, "shuf", tokenizer_source="union")
+    cfg["models"].append({"model": str(linked), "parameters": {"weight": 1.0}})
+    with pytest.raises(InputError, match="'tokenizer.json' is a symlink"):
+        run_merge(parse_config(cfg), tmp_path / "out1", progress=False)
+
+    evil = tmp_path / "evil"
+    shutil.copytree(vocab_family["ext"], evil)
+    sentinel = tmp_path / "code-ran"
+    tc = json.loads((evil / "tokenizer_config.json").read_text())
+    tc["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", "tokenization_evil.EvilTokenizer"]}
+    (evil / "tokenizer_config.json").write_text(json.dumps(tc))
+    (evil / "tokenization_evil.py").write_text(f"import pathlib\npathlib.Path({str(sentinel)!r}).write_text('ran')\n")
+    cfg["models"][-1]["model"] = str(evil)
+    try:
+        run_merge(parse_config(cfg), tmp_path / "out2", progress=False)
+    except InputError as e:
+        assert str(evil) in str(e) and "\n" not in str(e)
+    assert not sentinel.exists()
+
+
+def test_inspect_reads_realigned_embeddings(vocab_family):
+    from merging.inspect import inspect_merge
+
+    report = inspect_merge(parse_config(_ta(vocab_family, "ext", "shuf", tokenizer_source="union")))
+    assert len(report["models"]) == 2 and report["overall"]["params"] > 0
