@@ -325,7 +325,8 @@ def build_vocab(config: MergeConfig, models: list[ModelRef], checkpoints: list[C
             vocabs[m] = toks[m].get_vocab()
         else:  # the reference, or as mergekit: a model without tokenizer files shares the reference's vocabulary
             vocabs[m] = ref_vocab
-            notes.append(f"model {m} has no tokenizer files: taken to share the vocabulary of {ref}")
+            if m not in toks:
+                notes.append(f"model {m} has no tokenizer files: taken to share the vocabulary of {ref}")
         vocab_sizes[m] = config_vocab_size(cfgs[m]) or len(vocabs[m])
         if m not in toks and vocab_sizes[m] != ref_size:
             raise InputError(f"model {m} has no tokenizer files and a vocabulary of {vocab_sizes[m]} rows where {ref} "
