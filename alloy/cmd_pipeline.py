@@ -195,6 +195,8 @@ def _where_to_look(summary: dict) -> str:
     lines = [f"MLflow: {uri} (parent run {summary['parent_run_id']})"]
     if uri.startswith("sqlite:"):
         lines.append(f"  browse: mlflow ui --backend-store-uri {uri}   (or: alloy ui)")
+    if summary.get("report"):
+        lines.append(f"Report: {summary['report']}   (rebuild: alloy report)")
     champ = summary.get("champion")
     name = summary.get("registry_name")
     if champ:

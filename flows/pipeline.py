@@ -31,6 +31,7 @@ from flows.table import build_rows, render
 from tasks.download import download
 from tasks.evaluate import evaluate
 from tasks.family import demo_family
+from tasks.inspect import inspect
 from tasks.merge import merge
 from tasks.quant import quant
 from tasks.register import register
@@ -199,6 +200,7 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
         # 4. candidates in parallel: merge -> quant-check -> evaluate
         child: dict[str, str] = {}
         chains: dict[str, dict] = {}
+        inspected: dict[tuple, Any] = {}  # task-vector statistics, once per base and set of models
         for c in candidates:
             run_name = c.run_name()
             child[c.name] = registry.start_run(uri, exp_id, run_name, parent_run_id=parent_run, tags={
@@ -208,6 +210,9 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
                                                      "parents": ",".join(c.parents()), **flat_params(c.config)})  # fmt: skip
             t = {"uri": uri, "run_id": child[c.name]}
             used = {m: models[m] for m in c.parents() if m in models}
+            key = (c.config.get("base_model"), tuple(sorted(used)))
+            if key[0] and key not in inspected and len(used) > 1:
+                inspected[key] = inspect.submit(c.name, c.config, used, tracking={"uri": uri, "run_id": parent_run})
             card = {"Lineage": "\n".join(f"- `{m}`: {i['source']}" + (f" @ {i['revision']}" if i.get("revision") else "")
                                          for m, i in used.items())}  # fmt: skip
             m_fut = merge.submit(c.name, c.config, used, str(merges_dir / c.name), seed=c.seed,
@@ -289,11 +294,27 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
                                                "pipeline.candidates": len(candidates),
                                                "pipeline.failed": sum(1 for c in summary["candidates"].values()
                                                                       if c.get("error"))})  # fmt: skip
+        for fut in inspected.values():  # optional insight: a failure is logged, never fatal
+            _, i_err = _outcome(fut)
+            if i_err:
+                log.warning(f"inspect: {i_err}")
+        summary["report"] = _write_report(uri, parent_run, results_dir / "report.html", log)
         _prefect_artifact(table, champ, params)
         failed = False
         return summary
     finally:
         registry.end_run(uri, parent_run, failed=failed)
+
+
+def _write_report(uri: str, parent_run: str, out: Path, log) -> str | None:
+    """The HTML report of this run (alloy.report), also logged on the parent run as report.html."""
+    from alloy.report import write_report
+
+    try:
+        return str(write_report(parent_run, uri, out))
+    except Exception as e:  # noqa: BLE001 - the report is a view of results that are already stored
+        log.warning(f"report: {e}")
+        return None
 
 
 def raise_error(msg: str) -> None:

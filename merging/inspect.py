@@ -85,8 +85,11 @@ class _Acc:
         return {"params": self.params, "pairs": pairs, "models": models}
 
 
-def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "float32") -> dict:
-    """Task-vector statistics of a config's models against its base, overall and per layer."""
+def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "float32",
+                  model_paths: dict[str, Path] | None = None) -> dict:
+    """Task-vector statistics of a config's models against its base, overall and per layer.
+
+    model_paths: model name in the config -> folder (as run_merge takes them)."""
     search = []
     if not isinstance(config, MergeConfig):
         search.append(Path(config).resolve().parent)
@@ -96,8 +99,9 @@ def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "floa
     # plan as a task-arithmetic merge so every model appears as a task vector against the base, whatever the method
     probe = config.model_copy(update={"merge_method": "task_arithmetic", "parameters": {"weight": 1.0},
                                       "models": [m.model_copy(update={"parameters": None}) for m in config.models or []] or None})
-    plan = build_plan(probe, search_paths=search, dtype=dtype)
-    real = build_plan(config, search_paths=search, dtype=dtype) if config.merge_method != "passthrough" else None
+    plan = build_plan(probe, search_paths=search, dtype=dtype, model_paths=model_paths)
+    real = (build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths)
+            if config.merge_method != "passthrough" else None)
     density_of = {t.name: t.per_model.get("density") for t in real.tasks} if real else {}
     names = [str(plan.models[m]) for m, _ in plan.tasks[0].inputs] if plan.tasks else []
     overall = _Acc(len(names))
