@@ -314,3 +314,57 @@ def test_chunked_elementwise_methods_give_identical_bytes(monkeypatch, method, p
     monkeypatch.setattr(engine, "CHUNK", 1000)
     chunked = engine.compute_tensor(task, xs, base, seed=0)
     assert torch.equal(whole.view(torch.int16), chunked.view(torch.int16))
+
+
+def test_resume_key_changes_when_an_input_or_its_tokenizer_changes(tmp_path):
+    """--resume may reuse a killed merge's shards only while every input (weights and tokenizer files, which decide
+    the embedding rows under a tokenizer policy) is the one the shards were computed from."""
+    import shutil
+
+    from family import make_family
+
+    from merging.engine import _layout_key
+    from merging.io import ShardLayout
+    from merging.config import load_config
+    from merging.plan import build_plan
+
+    fam = make_family(tmp_path / "fam", n_finetunes=1)
+    (fam["ft0"] / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    cfg = write_cfg(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(fam["base"]), "parameters": {"weight": 0.5}},
+        {"model": str(fam["ft0"]), "parameters": {"weight": 0.5}}]})
+
+    def key() -> str:
+        plan = build_plan(load_config(cfg))
+        layout = ShardLayout.plan([(t.name, t.dtype, t.shape) for t in plan.tasks], 50_000)
+        return _layout_key(layout, plan, 0)
+
+    first = key()
+    assert key() == first  # nothing changed: the shards may be reused
+    weights = fam["ft0"] / "model.safetensors"
+    shutil.copyfile(weights, tmp_path / "w")
+    os.replace(tmp_path / "w", weights)  # the same model fetched again into the same folder
+    second = key()
+    assert second != first
+    (fam["ft0"] / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    assert key() != second
+
+
+def test_bad_input_met_mid_merge_leaves_nothing_behind(family_fp32, tmp_path):
+    """A NaN found while merging (not at plan time) stops the merge: no output, no partial folder, no lock."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(family_fp32["ft1"], bad)
+    sd = load_file(bad / "model.safetensors")
+    name = sorted(n for n in sd if "layers.2" in n and sd[n].dim() == 2)[0]  # late in the merge order
+    sd[name][0, 0] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    cfg = write_cfg(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(family_fp32["ft0"]), "parameters": {"weight": 0.5}},
+        {"model": str(bad), "parameters": {"weight": 0.5}}]})
+    with pytest.raises(InputError, match=name):
+        run_merge(cfg, tmp_path / "out", progress=False, shard_size=20_000)
+    assert listing(tmp_path) == ["bad", "c.yml"]
