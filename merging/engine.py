@@ -164,7 +164,9 @@ def iter_computed(plan: Plan, tasks: list[TensorTask], *, seed: int, device: str
                   compute: int | None = None) -> Iterator[tuple[TensorTask, torch.Tensor]]:
     """Yield (task, output) in order: inputs are read ahead within PREFETCH_BYTES and computed by `compute`
     threads (default compute_workers(); one on a GPU) while earlier outputs are consumed."""
-    compute = compute or (1 if device.startswith("cuda") else compute_workers())
+    # one stream of kernels on a GPU; Triton's interpreter (kernels on the CPU, in tests) is not thread-safe either
+    on_kernels = device.startswith("cuda") if kernels is None else kernels
+    compute = compute or (1 if on_kernels or device.startswith("cuda") else compute_workers())
     pending: deque[tuple[TensorTask, Future, int]] = deque()
     in_flight = 0
     nxt = 0
