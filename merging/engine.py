@@ -351,10 +351,13 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
         files: dict[int, ShardFile] = {}
 
         slow = float(os.environ.get("ALLOY_TEST_SLOW_WRITE", "0"))  # lets tests kill a merge mid-way
+        hold = os.environ.get("ALLOY_TEST_HOLD_WRITE")  # ...or hold it while that file exists
 
         def write(task_name: str, tensor: torch.Tensor) -> None:
             if slow:
                 time.sleep(slow)
+            while hold and os.path.exists(hold):
+                time.sleep(0.05)
             i = shard_of[task_name]
             if i not in files:
                 files[i] = ShardFile(tmp / layout.file_names[i], layout.shards[i], {"format": "pt"})

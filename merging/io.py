@@ -329,10 +329,11 @@ class ShardFile:
         self.shapes = {e[0]: (e[1], e[2]) for e in entries}
         self.pos = 0
         self.f = open(path, "wb")
-        self.digest = hashlib.sha256()
         head = encode_header(entries, metadata)
         self.f.write(head)
-        self.digest.update(head)
+        self.written = len(head)
+        # each tensor is hashed once (the manifest's per-tensor sha256, which resume verifies); a whole-file digest
+        # would hash every byte a second time (sha256 runs at 0.3-0.7 GB/s here)
         self.tensor_sha: dict[str, str] = {}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -343,7 +344,12 @@ class ShardFile:
             raise RuntimeError(f"tensor {name}: planned {dtype} {shape}, computed {tensor.dtype} {tuple(tensor.shape)}")
         data = memoryview(tensor.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy())
         self.f.write(data)
-        self.digest.update(data)
+        if hasattr(os, "posix_fadvise"):
+            # start the disk writing this tensor now (Linux begins writeback of the dirty range), so the fsync at
+            # close waits for the last tensors only instead of the whole shard
+            self.f.flush()
+            os.posix_fadvise(self.f.fileno(), self.written, len(data), os.POSIX_FADV_DONTNEED)
+        self.written += len(data)
         self.tensor_sha[name] = hashlib.sha256(data).hexdigest()
         self.pos += 1
 
@@ -351,8 +357,7 @@ class ShardFile:
     def complete(self) -> bool:
         return self.pos == len(self.expected)
 
-    def close(self) -> str:
+    def close(self) -> None:
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
-        return self.digest.hexdigest()

@@ -192,14 +192,20 @@ def test_kill_then_resume_is_byte_identical(family_fp32, tmp_path):
 
 def test_second_concurrent_merge_is_locked_out(family_fp32, tmp_path):
     cfg = write_cfg(tmp_path, passthrough(family_fp32))
-    env = dict(os.environ, ALLOY_TEST_SLOW_WRITE="0.3")
+    hold = tmp_path / "hold"  # the first merge waits at its first write while this file exists
+    hold.touch()
+    env = dict(os.environ, ALLOY_TEST_HOLD_WRITE=str(hold))
     proc = subprocess.Popen(ALLOY + ["merge", str(cfg), str(tmp_path / "out"), "--shard-size", "20KB"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lock = tmp_path / ".out.alloy-lock"
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while not (tmp_path / ".out.alloy-partial").exists() and time.time() < deadline:
         time.sleep(0.02)
-    r = subprocess.run(ALLOY + ["merge", str(cfg), str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    try:
+        r = subprocess.run(ALLOY + ["merge", str(cfg), str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                           text=True)
+    finally:
+        hold.unlink()
     proc.wait()
     assert r.returncode == 2 and "another merge is writing" in r.stderr
     assert proc.returncode == 0 and (tmp_path / "out" / "model.safetensors.index.json").exists()
