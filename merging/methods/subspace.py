@@ -34,9 +34,21 @@ def _finish(base: Tensor, merged: Tensor, lambda_: float) -> Tensor:
     return (base.to(merged.dtype) + lambda_ * merged).to(base.dtype)
 
 
+def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD; when LAPACK's divide-and-conquer does not converge (ill-conditioned input, many repeated singular
+    values: met on SmolLM2's rank-deficient LoRA task matrices), once more in float64, cast back."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
 def polar_factor(x: Tensor) -> Tensor:
     """The orthonormal matrix nearest to x (Frobenius): P Q^T for x = P S Q^T. The papers' orthogonalisation."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    p, _, qh = svd(x)
     return p @ qh
 
 
@@ -61,7 +73,7 @@ def tsv_m(tensors: list[Tensor], base: Tensor, *, sv_reduction: float | None = N
         return _finish(base, torch.zeros_like(deltas[0]), lambda_)
     us, ss, vhs = [], [], []
     for d in deltas:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        u, s, vh = svd(d)
         us.append(u[:, :k])
         ss.append(s[:k])
         vhs.append(vh[:k])
@@ -78,7 +90,7 @@ def iso_c(tensors: list[Tensor], base: Tensor, *, lambda_: float = 1.0) -> Tenso
     deltas = _task_vectors(tensors, base)
     if base.dim() != 2:
         return _finish(base, _mean(deltas), lambda_)
-    u, s, vh = torch.linalg.svd(torch.stack(deltas).sum(dim=0), full_matrices=False)
+    u, s, vh = svd(torch.stack(deltas).sum(dim=0))
     return _finish(base, s.mean() * (u @ vh), lambda_)
 
 
@@ -100,15 +112,15 @@ def iso_cts(tensors: list[Tensor], base: Tensor, *, common_space_fraction: float
     if not 0 <= common_space_fraction <= 1:
         raise ConfigError(f"iso_cts: common_space_fraction {common_space_fraction} must lie in [0, 1]")
     deltas = _task_vectors(tensors, base)
-    if base.dim() != 2:
+    if base.dim() != 2 or not any(d.any() for d in deltas):  # no task moved this matrix (LoRA leaves embeddings)
         return _finish(base, _mean(deltas), lambda_)
     n_common, per_task = iso_cts_sizes(min(base.shape), len(deltas), common_space_fraction)
-    u, s, vh = torch.linalg.svd(torch.stack(deltas).sum(dim=0), full_matrices=False)
+    u, s, vh = svd(torch.stack(deltas).sum(dim=0))
     u_c, s_c, vh_c = u[:, :n_common], s[:n_common], vh[:n_common]
     us, ss, vhs = [], [], []
     for d in deltas:
         outside = d - u_c @ (u_c.T @ d)
-        ut, st, vht = torch.linalg.svd(outside, full_matrices=False)
+        ut, st, vht = svd(outside)
         us.append(ut[:, :per_task])
         ss.append(st[:per_task])
         vhs.append(vht[:per_task])

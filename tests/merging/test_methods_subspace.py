@@ -122,3 +122,30 @@ def test_iso_cts_with_an_all_common_space_is_iso_c():
     torch.testing.assert_close(run("iso_cts", base, models, common_space_fraction=1.0), run("iso_c", base, models))
     with pytest.raises(ConfigError, match="common_space_fraction"):
         run("iso_cts", base, models, common_space_fraction=1.5)
+
+
+def test_iso_cts_of_a_matrix_no_task_moved_is_the_base():
+    """LoRA fine-tunes leave the embeddings alone: a zero task matrix must come back unchanged (LAPACK's SVD of the
+    stacked zero bases did not converge on the SmolLM2 demo's embeddings before)."""
+    base = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    out = REGISTRY["iso_cts"].call([base.clone(), base.clone(), base.clone()], base, {}, {"lambda": 0.8})
+    assert torch.equal(out, base)
+
+
+def test_svd_falls_back_to_float64_when_lapack_does_not_converge(monkeypatch):
+    from merging.methods import subspace
+
+    real = torch.linalg.svd
+    calls = []
+
+    def flaky(x, full_matrices=True):
+        calls.append(x.dtype)
+        if x.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(x, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+    u, s, vh = subspace.svd(x)
+    assert calls == [torch.float32, torch.float64] and u.dtype == torch.float32
+    assert torch.allclose(u @ torch.diag(s) @ vh, x, atol=1e-5)
