@@ -250,16 +250,14 @@ class _Writer:
             raise self.error
 
 
-_TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                              "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt"})
-
-
 def _layout_key(layout: ShardLayout, plan: Plan, seed: int) -> str:
+    from merging.tokenizer import TOKENIZER_FILES  # the files that decide a model's vocabulary
+
     h = hashlib.sha256()
     h.update(plan.config.to_yaml().encode())
     h.update(str(seed).encode())
     for ck in plan.checkpoints:  # a model re-fetched into the same folder must not reuse shards of the old one
-        side = [f for f in sorted(ck.path.glob("*")) if f.name in _TOKENIZER_FILES and f.is_file()]
+        side = [f for f in (ck.path / n for n in TOKENIZER_FILES) if f.is_file()]
         for f in ck.files() + side:  # tokenizer files decide the embedding rows under a tokenizer policy
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
