@@ -25,6 +25,7 @@ from merging.methods.registry import REGISTRY, MethodSpec
 
 LAYER_RE = re.compile(r"^(.*?\.(?:layers|h|blocks|layer))\.(\d+)\.(.+)$")
 PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings")
+OUTPUT_HEADS = ("lm_head", "embed_out")  # output projections (GPT-NeoX's `embed_out` matches "embed" but is one)
 TORCH_DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -284,7 +285,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     first, last = slices[0], slices[-1]
     template_ck = checkpoints[template]
     non_layer = [n for n in template_ck.tensors if _split(n) is None]
-    pre = [n for n in non_layer if any(h in n for h in PRE_HINTS)]
+    pre = [n for n in non_layer if any(h in n for h in PRE_HINTS) and not any(h in n for h in OUTPUT_HEADS)]
     post = [n for n in non_layer if n not in pre]
 
     def sources_for(sl: OutputSlice) -> list[ModelRef]:
