@@ -34,8 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt inputs (loaded with weights_only=True)")
     p.add_argument("--tie-break", default="index", choices=["index", "torch"],
-                   help="elements tied at a magnitude threshold: keep the first by position (default), or whatever "
-                        "torch's sort keeps, as mergekit does (bit-identical to it, slower)")
+                   help="mergekit's selection rules or alloy's: elements tied at a magnitude threshold (the first by "
+                        "position, default; or whatever torch's sort keeps) and DARE/DELLA's random drops (15-bit "
+                        "draws, default; or torch.bernoulli): 'torch' is bit-identical to mergekit, and slower")
     p.add_argument("--nan-policy", default="refuse", choices=["refuse", "warn"],
                    help="an input tensor holding NaN or Inf: refuse the merge (default), or warn and merge it anyway "
                         "(recorded in alloy_manifest.json)")

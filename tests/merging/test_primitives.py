@@ -165,8 +165,32 @@ def test_dare_drop_same_seed_same_bytes_and_equals_mergekit(dtype):
     b = P.dare_drop(delta, 0.3, rescale=True, generator=torch.Generator().manual_seed(7))
     c = P.dare_drop(delta, 0.3, rescale=True, generator=torch.Generator().manual_seed(8))
     assert same_bits(a, b) and not torch.equal(a, c)
+    with P.tie_break("torch"):  # mergekit's draw: torch.bernoulli on the same generator state
+        ours = P.dare_drop(delta, 0.3, rescale=True, generator=torch.Generator().manual_seed(7))
+    assert not torch.equal(ours != 0, a != 0)  # the default rule draws its own mask
     torch.manual_seed(7)
-    assert same_bits(a, mk_sparsify.bernoulli(delta, 0.3, RescaleNorm.l1))
+    assert same_bits(ours, mk_sparsify.bernoulli(delta, 0.3, RescaleNorm.l1))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.97])
+def test_keep_draw_is_uniform_and_independent(p):
+    like = torch.empty(400, 1001)  # an odd element count: the last 64-bit word is used in part
+    n = like.numel()
+    keep = P.keep_draw(like, p, torch.Generator().manual_seed(11))
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert keep.dtype == torch.bool and keep.shape == like.shape
+    assert abs(keep.float().mean().item() - p) < 5 * sigma
+    # the four 16-bit lanes of each word are alike (the word's zero top bit is masked off, not leaked into lane 3)
+    lanes = keep.reshape(-1)[: n - n % 4].view(-1, 4).float().mean(0)
+    assert (lanes - p).abs().max().item() < 5 * (p * (1 - p) / (n / 4)) ** 0.5
+    # neighbours are independent: P(both kept) = p^2
+    both = (keep.reshape(-1)[:-1] & keep.reshape(-1)[1:]).float().mean().item()
+    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
+    # per-element probabilities: the kept share follows each element's p
+    probs = torch.linspace(0, 1, 1001).expand(400, 1001)
+    kept = P.keep_draw(like, probs, torch.Generator().manual_seed(12)).float().mean(0)
+    assert kept[0].item() == 0 and kept[-1].item() == 1
+    assert (kept - probs[0]).abs().max().item() < 5 * (0.25 / 400) ** 0.5
 
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
