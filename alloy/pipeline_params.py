@@ -211,6 +211,9 @@ class SearchSpec(_Strict):
     layer_groups: int = Field(default=1, ge=1)  # > 1: the `gradient` parameters become per-layer-group gradients
     gradient: list[str] = Field(default_factory=lambda: ["weight"])
     objective: dict[str, float] = Field(default_factory=dict)  # {<skill>_em|_mc: weight}; default: mean EM
+    # mean: the weighted mean of the objective's tasks; min: the smallest weight x score (the weakest skill: a merge
+    # must keep every skill, and weights 1 / specialist's score make it the smallest share kept)
+    aggregate: Literal["mean", "min"] = "mean"
     tune_split: Literal["tune", "heldout"] = "tune"  # heldout: tune on the eval files (to see what overfitting does)
     limit: Optional[int] = Field(default=None, ge=1)  # tune examples per task (default: all)
     heldout_limit: Optional[int] = Field(default=None, ge=1)  # held-out examples per task (default: eval.limit)

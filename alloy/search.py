@@ -87,8 +87,15 @@ def tune_tasks(params: Params) -> list[str]:
     return [t + suffix for t in objective_weights(params)]
 
 
-def weighted_score(scores: dict[str, dict[str, float]], weights: dict[str, float]) -> float:
-    """The weighted mean of the tasks' primary metrics; a task `t` is read as `t` or `t_tune`."""
+def aggregate(values: dict[str, float], weights: dict[str, float], how: str = "mean") -> float:
+    """{task: score} -> one number: the weighted mean, or (`how="min"`) the smallest weight x score."""
+    if how == "min":
+        return min(w * values[t] for t, w in weights.items())
+    return sum(w * values[t] for t, w in weights.items()) / sum(weights.values())
+
+
+def weighted_score(scores: dict[str, dict[str, float]], weights: dict[str, float], how: str = "mean") -> float:
+    """`aggregate` of the tasks' primary metrics; a task `t` is read as `t` or `t_tune`."""
     from eval.skills import TUNE
 
     prim = {t.removesuffix(TUNE): v for t, v in primary_scores(scores).items()}
@@ -96,7 +103,7 @@ def weighted_score(scores: dict[str, dict[str, float]], weights: dict[str, float
     if missing:
         got = ", ".join(prim) or "none"
         raise InputError(f"objective: no score for task {missing[0]!r} (evaluation returned {got})")
-    return sum(w * prim[t] for t, w in weights.items()) / sum(weights.values())
+    return aggregate(prim, weights, how)
 
 
 # ------------------------------------------------------------------------------------------------ the space
@@ -184,6 +191,7 @@ def study_name(params: Params, inputs: dict[str, str] | None = None) -> str:
         "space": {"methods": space.methods, "base": space.base, "models": space.models, "ranges": space.ranges,
                   "parameters": space.parameters, "layer_groups": space.layer_groups, "gradient": space.gradient},
         "objective": objective_weights(params),
+        **({"aggregate": spec.aggregate} if spec.aggregate != "mean" else {}),  # old studies keep their names
         "tune": [spec.tune_split, spec.limit],
         "seeds": [spec.seed, spec.startup_trials, params.merge.seed],
         "models": {n: known[n].model_dump(exclude_none=True) for n in (space.base, *space.models)},
@@ -324,8 +332,8 @@ def _load_weights(model, state_dict: dict) -> None:
 
 def run_trial(config: dict, model_paths: dict[str, str], *, tune: dict, heldout: dict | None,
               weights: dict[str, float], seed: int = 0, merge_device: str = "cpu", eval_device: str = "cpu",
-              dtype: str | None = None, batch_size: int = 16) -> dict:
-    """Merge `config` (models by name, `model_paths` {name: folder}) in memory and score it.
+              dtype: str | None = None, batch_size: int = 16, how: str = "mean") -> dict:
+    """Merge `config` (models by name, `model_paths` {name: folder}) in memory and score it (`how`: `aggregate`).
 
     `tune` / `heldout`: {"tasks", "data_dir", "limit"}. Returns JSON-able results: the objective (tune), the
     held-out objective, per-task primary scores of each split, and timings.
@@ -354,7 +362,7 @@ def run_trial(config: dict, model_paths: dict[str, str], *, tune: dict, heldout:
             scores = evaluate_in_memory(model, tok, ev["tasks"], data_dir=ev["data_dir"], limit=ev.get("limit"),
                                         batch_size=batch_size)  # fmt: skip
             out[split] = primary_scores(scores)
-            out[f"{split}_objective"] = weighted_score(scores, weights)
+            out[f"{split}_objective"] = weighted_score(scores, weights, how)
     out["objective"] = out.pop("tune_objective")
     out["eval_seconds"] = round(time.perf_counter() - t1, 2)
     out["seconds"] = round(time.perf_counter() - t0, 2)

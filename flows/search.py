@@ -69,7 +69,7 @@ def _parent_run(study, uri: str, exp_id: str, params: Params, params_file: Path)
     return run_id, True
 
 
-def _reference(uri: str, exp_id: str, weights: dict[str, float]) -> dict | None:
+def _reference(uri: str, exp_id: str, weights: dict[str, float], how: str = "mean") -> dict | None:
     """The best hand-written candidate of the latest finished pipeline run in this experiment, by the search's
     objective on the held-out split (its eval scores), for comparison. None without one."""
     from eval.skills import PRIMARY_METRIC
@@ -88,7 +88,7 @@ def _reference(uri: str, exp_id: str, weights: dict[str, float]) -> dict | None:
         keys = {t: f"eval.{t}.{PRIMARY_METRIC[t]}" for t in weights}
         if r.data.tags.get("alloy.candidate") == PROMOTED or not all(k in m for k in keys.values()):
             continue
-        score = sum(w * m[keys[t]] for t, w in weights.items()) / sum(weights.values())
+        score = S.aggregate({t: m[k] for t, k in keys.items()}, weights, how)
         if best is None or score > best["heldout_objective"]:
             best = {"candidate": r.data.tags.get("alloy.candidate"), "run_name": r.info.run_name,
                     "heldout_objective": score, "pipeline_run_id": parent}  # fmt: skip
@@ -149,7 +149,7 @@ def merge_search(params_path: str = "params.yaml", overrides: list[str] | None =
               f"{todo} to run, {spec.parallelism} at a time")  # fmt: skip
         run = {"paths": paths, "tune": tune, "heldout": heldout, "weights": weights, "seed": params.merge.seed,
                "merge_device": params.merge.device, "eval_device": params.eval.device, "dtype": params.merge.dtype,
-               "batch_size": params.eval.batch_size}  # fmt: skip
+               "batch_size": params.eval.batch_size, "how": spec.aggregate}  # fmt: skip
         ran: list[int] = []
         while todo > 0:
             batch = [_start_trial(study, space, run, uri, exp_id, parent) for _ in range(min(spec.parallelism, todo))]
@@ -225,7 +225,7 @@ def _finish(study, params: Params, params_file: Path, models: dict, weights: dic
         registry.log(uri, parent, metrics={"best.objective": best.value,
                                            **({"best.heldout_objective": held} if held is not None else {})},
                      tags={"alloy.best_trial": best.number, "alloy.best_recipe": str(recipe)})  # fmt: skip
-    ref = _reference(uri, exp_id, weights)
+    ref = _reference(uri, exp_id, weights, S.spec_of(params).aggregate)
     if ref:
         summary["reference"] = ref
     summary["seconds"] = round(time.perf_counter() - t0, 1)

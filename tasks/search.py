@@ -22,13 +22,15 @@ def trial_metrics(res: dict) -> dict[str, float]:
 @task(name="search-trial", cache_policy=NO_CACHE)
 def search_trial(number: int, config: dict, model_paths: dict[str, str], *, tune: dict, heldout: dict | None,
                  weights: dict[str, float], seed: int = 0, merge_device: str = "cpu", eval_device: str = "cpu",
-                 dtype: str | None = None, batch_size: int = 16, tracking: dict | None = None) -> dict:
+                 dtype: str | None = None, batch_size: int = 16, how: str = "mean",
+                 tracking: dict | None = None) -> dict:
     from prefect import get_run_logger
 
     from alloy.search import describe, run_trial
 
     res = run_trial(config, model_paths, tune=tune, heldout=heldout, weights=weights, seed=seed,
-                    merge_device=merge_device, eval_device=eval_device, dtype=dtype, batch_size=batch_size)  # fmt: skip
+                    merge_device=merge_device, eval_device=eval_device, dtype=dtype, batch_size=batch_size,
+                    how=how)  # fmt: skip
     held = f", held-out {res['heldout_objective']:.3f}" if "heldout" in res else ""
     get_run_logger().info(f"trial {number}: {config['merge_method']} {describe(config)}: tune {res['objective']:.3f}"
                           f"{held} (merge {res['merge_seconds']:.1f} s, eval {res['eval_seconds']:.1f} s)")  # fmt: skip

@@ -84,6 +84,18 @@ def test_objective_defaults_to_mean_exact_match_of_the_searched_skills(tmp_path)
     assert S.tune_tasks(_params(tmp_path, tune_split="heldout")) == ["facts_em", "words_em"]
 
 
+def test_min_aggregate_scores_the_weakest_skill_and_names_another_study(tmp_path) -> None:
+    scores = {"facts_em_tune": {"exact_match": 0.5}, "words_em_tune": {"exact_match": 0.25}}
+    assert S.weighted_score(scores, {"facts_em": 1.0, "words_em": 1.0}, "min") == pytest.approx(0.25)
+    # weights rescale before the minimum: 1 / a specialist's score turns it into the share kept
+    assert S.weighted_score(scores, {"facts_em": 1.0, "words_em": 4.0}, "min") == pytest.approx(0.5)
+    p = _params(tmp_path, aggregate="min")
+    assert S.spec_of(p).aggregate == "min"
+    assert S.study_name(p) != S.study_name(_params(tmp_path))
+    with pytest.raises(ConfigError, match=r"search\.aggregate"):
+        _params(tmp_path, aggregate="median")
+
+
 @pytest.mark.parametrize("search, match", [
     ({"methods": ["tie"]}, r"search\.methods: 'tie' is not a merge method \(did you mean 'ties'\?\)"),
     ({"methods": ["linear"]}, r"search\.methods: 'linear' takes no base model"),
