@@ -1,5 +1,6 @@
 """dvc.yaml, for real: `dvc repro` in a temporary git repo on a tiny family, twice (the second a no-op), a forced
-rebuild that reproduces the locked bytes, and a params change that re-runs only what depends on it.
+rebuild that reproduces the locked bytes, a params change that re-runs only what depends on it, and an experiment
+(`dvc exp run -S`) that sweeps one candidate's parameter.
 
 The family stage itself is not run here: training even the smallest family through `alloy demo-family` takes
 minutes (it has no flag for base steps or model size), so the test trains a smaller one in-process and records it
@@ -116,3 +117,18 @@ def test_dvc_repro_noop_rebuild_and_params_change(tmp_path):
     assert digests4["merges/ta/ta/alloy_manifest.json"] != digests1["merges/ta/ta/alloy_manifest.json"]
     diff = run(dvc + ["metrics", "diff", "--json"], repo)
     assert "candidates.ta.heldout_ppl" in diff
+
+    # 5. an experiment: `dvc exp run -S` sets one parameter, re-runs what depends on it, and is listed with its
+    #    parameter and metrics beside the committed baseline
+    run(["git", "add", "-A"], repo)  # dvc.lock, params and the uncached outputs; cached ones are git-ignored
+    run(["git", "commit", "-qm", "lambda 0.8"], repo)
+    out5 = run(dvc + ["exp", "run", "-n", "ta-lambda-0.3", "-S", "candidates.ta.parameters.lambda=0.3"], repo)
+    assert ran(out5) == {"configs", "merge@ta", "quant@ta", "eval@ta", "summary"}
+    assert yaml.safe_load((repo / "params.yaml").read_text())["candidates"]["ta"]["parameters"]["lambda"] == 0.3
+    digests5 = manifests(repo)
+    assert digests5["merges/soup/soup/alloy_manifest.json"] == digests1["merges/soup/soup/alloy_manifest.json"]
+    assert digests5["merges/ta/ta/alloy_manifest.json"] not in (digests1["merges/ta/ta/alloy_manifest.json"],
+                                                                digests4["merges/ta/ta/alloy_manifest.json"])
+    shown = json.loads(run(dvc + ["exp", "show", "--json"], repo))
+    text = json.dumps(shown)
+    assert "ta-lambda-0.3" in text and "heldout_ppl" in text
