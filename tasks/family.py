@@ -2,17 +2,29 @@
 
 The builders are deterministic, so a family built with the same settings (and, for smol, the same base bytes) is
 reused: a stamp of those settings is written beside the family when it is built and compared on the next run.
+The stamp lies next to the folder, not in it, so the folder holds exactly what the builder wrote: the bytes that
+dvc.yaml's `family` stage records (a family built by `make demo` can be `dvc commit`ted as that stage's output).
+It holds the digest of the family's family.json too, so a folder rebuilt by anything else is not taken for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-STAMP = ".alloy-pipeline-family.json"  # inside the family folder (the builders replace the folder whole)
+def stamp_path(root: Path) -> Path:
+    return root.with_name(f".{root.name}.alloy-family.json")
+
+
+def _family_digest(root: Path) -> str | None:
+    try:
+        return hashlib.sha256((root / "family.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _stamp(kind: str, seed: int, options: dict, base: dict | None) -> dict:
@@ -37,28 +49,32 @@ def build_family(kind: str, out_dir: str | Path, *, seed: int = 0, options: dict
     skills = list(options.get("skills") or SKILLS)
     root = Path(out_dir).resolve()
     stamp = _stamp(kind, seed, options, base)
-    stamp_file = root / STAMP
+    stamp_file = stamp_path(root)
     base_path = Path(base["path"]) if base else None
     try:
-        if json.loads(stamp_file.read_text()) == stamp and all(Path(p).is_dir() for p in
-                                                                 _members(root, skills, base_path)["specialists"].values()):  # fmt: skip
-            return {**_members(root, skills, base_path), "reused": True}
-    except (OSError, ValueError):
+        found = json.loads(stamp_file.read_text())
+        built = found.pop("family_json", None)
+        members = _members(root, skills, base_path)
+        if found == stamp and built == _family_digest(root) and all(Path(p).is_dir() for p in
+                                                                   members["specialists"].values()):  # fmt: skip
+            return {**members, "reused": True}
+    except (OSError, ValueError, AttributeError):
         pass
     if kind == "tiny":
         from alloy.demo.tiny import TEST_SIZE, TinySize, build_tiny_family
 
-        size = options.pop("size", None)
+        kwargs = dict(options)  # the stamp keeps the options as given ("test", a dict), JSON-able
+        size = kwargs.pop("size", None)
         if size == "test":
-            options["size"] = TEST_SIZE
+            kwargs["size"] = TEST_SIZE
         elif isinstance(size, dict):
-            options["size"] = TinySize(**size)
-        res = build_tiny_family(root, seed=seed, overwrite=True, log=log, **options)
+            kwargs["size"] = TinySize(**size)
+        res = build_tiny_family(root, seed=seed, overwrite=True, log=log, **kwargs)
     else:
         from alloy.demo.smol import build_smol_family
 
         res = build_smol_family(root, seed=seed, base_dir=base_path, overwrite=True, log=log, **options)
-    stamp_file.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+    stamp_file.write_text(json.dumps({**stamp, "family_json": _family_digest(root)}, indent=2, sort_keys=True) + "\n")
     out = _members(root, skills, base_path if kind == "smol" and base_path else None)
     out["base"] = str(res["base"])
     return {**out, "reused": False}
