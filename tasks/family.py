@@ -16,6 +16,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+LEGACY_STAMP = ".alloy-pipeline-family.json"  # where earlier versions kept the stamp: inside the family folder
+
+
 def stamp_path(root: Path) -> Path:
     return root.with_name(f".{root.name}.alloy-family.json")
 
@@ -51,6 +54,15 @@ def build_family(kind: str, out_dir: str | Path, *, seed: int = 0, options: dict
     stamp = _stamp(kind, seed, options, base)
     stamp_file = stamp_path(root)
     base_path = Path(base["path"]) if base else None
+    legacy = root / LEGACY_STAMP
+    if legacy.is_file() and not stamp_file.exists():  # written by alloy before the stamp moved beside the folder
+        try:
+            if json.loads(legacy.read_text()) == stamp:
+                stamp_file.write_text(json.dumps({**stamp, "family_json": _family_digest(root)}, indent=2,
+                                                 sort_keys=True) + "\n")  # fmt: skip
+                legacy.unlink()
+        except (OSError, ValueError):
+            pass
     try:
         found = json.loads(stamp_file.read_text())
         built = found.pop("family_json", None)

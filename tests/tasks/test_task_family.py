@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from tasks.family import build_family, stamp_path
+from tasks.family import LEGACY_STAMP, build_family, stamp_path
 
 OPTIONS = {"size": "test", "base_steps": 6, "specialist_steps": 3, "skills": ["facts"], "n_eval": 4}
 
@@ -30,3 +30,16 @@ def test_family_is_reused_only_while_settings_and_folder_match(tmp_path):
     assert not build_family("tiny", root, seed=0, options={**OPTIONS, "specialist_steps": 4})["reused"]
     digest = hashlib.sha256((root / "family.json").read_bytes()).hexdigest()
     assert json.loads(stamp_path(root).read_text())["family_json"] == digest
+
+
+def test_a_family_stamped_by_an_earlier_version_is_reused_not_rebuilt(tmp_path):
+    root = tmp_path / "tiny"
+    build_family("tiny", root, seed=0, options=OPTIONS)
+    stamp = json.loads(stamp_path(root).read_text())
+    stamp.pop("family_json")
+    stamp_path(root).unlink()
+    (root / LEGACY_STAMP).write_text(json.dumps(stamp))  # the old layout: the stamp inside, no digest
+    mtime = (root / "facts" / "config.json").stat().st_mtime_ns
+    assert build_family("tiny", root, seed=0, options=OPTIONS)["reused"]
+    assert (root / "facts" / "config.json").stat().st_mtime_ns == mtime
+    assert stamp_path(root).is_file() and not (root / LEGACY_STAMP).exists()
