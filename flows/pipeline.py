@@ -215,14 +215,17 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
                 inspected[key] = inspect.submit(c.name, c.config, used, tracking={"uri": uri, "run_id": parent_run})
             card = {"Lineage": "\n".join(f"- `{m}`: {i['source']}" + (f" @ {i['revision']}" if i.get("revision") else "")
                                          for m, i in used.items())}  # fmt: skip
-            m_fut = merge.submit(c.name, c.config, used, str(merges_dir / c.name), seed=c.seed,
+            # merges/<group>/<name>: the layout of dvc.yaml's merge stages, so `dvc repro` after `alloy run` rebuilds
+            # the same folders (same bytes) instead of deleting a group-named folder the flow wrote
+            out_dir = merges_dir / c.group / c.name
+            m_fut = merge.submit(c.name, c.config, used, str(out_dir), seed=c.seed,
                                  shard_size=params.merge.shard_size, dtype=params.merge.dtype,
                                  device=params.merge.device, card=card, tracking=t)  # fmt: skip
             q_fut = (quant.submit(m_fut, str(texts_file), params.quant.thresholds, max_tokens=params.quant.max_tokens,
                                   cache_dir=str(results_dir / "quant"), baseline=baseline, tracking=t)
                      if params.quant.enabled else None)  # fmt: skip
             # evaluate after the quantisation check; the merge folder is known up front
-            e_fut = evaluate.submit(c.name, str(merges_dir / c.name), **ev, tracking=t, wait_for=[q_fut or m_fut])
+            e_fut = evaluate.submit(c.name, str(out_dir), **ev, tracking=t, wait_for=[q_fut or m_fut])
             chains[c.name] = {"merge": m_fut, "quant": q_fut, "eval": e_fut, "run_name": run_name}
 
         # parents' results

@@ -148,7 +148,8 @@ def check_consistent(tmp: Path, killed_parent: str, left_running: list[str]) -> 
     assert sorted(cands) == CANDIDATES
 
     # --- outputs: the finished merges and nothing else; results JSON whole
-    merges = tmp / "merges"
+    assert [p.name for p in (tmp / "merges").iterdir()] == ["ta"]  # merges/<group>/<name>, dvc.yaml's layout
+    merges = tmp / "merges" / "ta"
     assert sorted(p.name for p in merges.iterdir()) == sorted(CANDIDATES + [f".{n}.merge-stats.json" for n in CANDIDATES])
     sha = {n: hashlib.sha256((merges / n / "alloy_manifest.json").read_bytes()).hexdigest() for n in CANDIDATES}
     for f in (tmp / "results").rglob("*"):
@@ -206,7 +207,7 @@ def test_kill_during_evaluation_then_rerun_finishes(tmp_path, tiny_family_dir):
     waited = kill_when(proc, second_evaluation_running, log)
     done = cache_entries(tmp_path)
     assert len(done) == 3, done  # one candidate scored on its three tasks, the other's evaluation cut short
-    merged = {n for n in CANDIDATES if (tmp_path / "merges" / n / "alloy_manifest.json").is_file()}
+    merged = {n for n in CANDIDATES if (tmp_path / "merges" / "ta" / n / "alloy_manifest.json").is_file()}
     assert merged == set(CANDIDATES)  # both merged (the second is being evaluated)
     running = [r for (r,) in sql(db, "SELECT run_uuid FROM runs WHERE status = 'RUNNING'")]
     assert len(running) == 3  # the pipeline run and its two candidates, left RUNNING by the dead process

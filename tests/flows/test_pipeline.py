@@ -84,7 +84,7 @@ def test_flow_end_to_end_and_rerun(tmp_path, tiny_family_dir):
     assert m["merge.peak_rss_gb"] > 0 and m["merge.seconds"] > 0 and m["quant.passed"] == 1.0
     arts = {a.path for a in c.list_artifacts(ta.info.run_id)}
     assert {"config.yml", "README.md", "alloy_manifest.json", "eval.json", "quant_report.json", "model"} <= arts
-    merged = tmp_path / "merges" / "ta-lambda0.5"
+    merged = tmp_path / "merges" / "ta" / "ta-lambda0.5"  # merges/<group>/<name>, as dvc.yaml lays them out
     assert ta.data.tags["alloy.manifest_sha256"] == hashlib.sha256((merged / "alloy_manifest.json").read_bytes()).hexdigest()
     # the scores in MLflow are the harness's, not a copy that could drift
     logged = json.loads(Path(c.download_artifacts(ta.info.run_id, "eval.json", str(tmp_path))).read_text())
