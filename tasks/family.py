@@ -30,6 +30,11 @@ def _family_digest(root: Path) -> str | None:
         return None
 
 
+def _write_stamp(root: Path, stamp: dict) -> None:
+    text = json.dumps({**stamp, "family_json": _family_digest(root)}, indent=2, sort_keys=True) + "\n"
+    stamp_path(root).write_text(text)
+
+
 def _stamp(kind: str, seed: int, options: dict, base: dict | None) -> dict:
     return {"kind": kind, "seed": seed, "options": options, "base_digest": (base or {}).get("digest")}
 
@@ -58,8 +63,7 @@ def build_family(kind: str, out_dir: str | Path, *, seed: int = 0, options: dict
     if legacy.is_file() and not stamp_file.exists():  # written by alloy before the stamp moved beside the folder
         try:
             if json.loads(legacy.read_text()) == stamp:
-                stamp_file.write_text(json.dumps({**stamp, "family_json": _family_digest(root)}, indent=2,
-                                                 sort_keys=True) + "\n")  # fmt: skip
+                _write_stamp(root, stamp)
                 legacy.unlink()
         except (OSError, ValueError):
             pass
@@ -86,7 +90,7 @@ def build_family(kind: str, out_dir: str | Path, *, seed: int = 0, options: dict
         from alloy.demo.smol import build_smol_family
 
         res = build_smol_family(root, seed=seed, base_dir=base_path, overwrite=True, log=log, **options)
-    stamp_file.write_text(json.dumps({**stamp, "family_json": _family_digest(root)}, indent=2, sort_keys=True) + "\n")
+    _write_stamp(root, stamp)
     out = _members(root, skills, base_path if kind == "smol" and base_path else None)
     out["base"] = str(res["base"])
     return {**out, "reused": False}

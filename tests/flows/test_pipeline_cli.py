@@ -20,7 +20,7 @@ def test_write_configs_are_runnable_mergekit_yaml(tmp_path):
     written = write_configs(str(ROOT / "params.yaml"), [], str(tmp_path / "configs"))
     names = {p.relative_to(tmp_path / "configs").as_posix() for p in written}
     assert "ta/ta-lambda0.8.yml" in names and "dare_ties/dare_ties.yml" in names
-    cfg = load_config(tmp_path / "configs" / "ties" / "ties-lambda1.yml")
+    cfg = load_config(tmp_path / "configs" / "ties" / "ties.yml")
     # models are paths relative to the project root, where dvc runs `alloy merge`
     assert str(cfg.base_model) == "models/smol/base"
     assert [str(m.model) for m in cfg.models] == ["models/smol/facts", "models/smol/words", "models/smol/addition"]
