@@ -216,7 +216,7 @@ def keep_draw(like: Tensor, probs: float | Tensor, generator: torch.Generator | 
     if current_tie_break() == "torch":
         work = _sampling_dtype(like)
         p = probs.to(work) if isinstance(probs, Tensor) else torch.full_like(like, probs, dtype=work)
-        return torch.bernoulli(p.expand(like.shape) if p.shape != like.shape else p, generator=generator).bool()
+        return torch.bernoulli(p.expand_as(like), generator=generator).bool()
     n = like.numel()
     words = torch.empty(-(-n // 4), dtype=torch.int64, device=like.device).random_(generator=generator)
     # random_ fills [0, 2**63): the top bit of every word is 0, so each 16-bit lane keeps its 15 low bits.
