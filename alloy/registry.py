@@ -10,7 +10,8 @@ A failed quantisation check blocks registration, and the reason is written on th
 
 After a kill: every run is tagged with the process that opened it (`alloy.process`, host:pid:start time), so the next
 pipeline run marks runs left RUNNING by a dead process KILLED (`mark_dead_runs`); and a version of the same merge
-(tag `alloy.manifest_sha256`) registered by a run that was killed or failed is reused, not registered again.
+(tag `alloy.manifest_sha256`) registered by a run that was killed or failed, or whose pipeline run was, is reused,
+not registered again.
 """
 
 from __future__ import annotations
@@ -245,11 +246,13 @@ def register_candidate(tracking_uri: str, name: str, run_id: str, *, metric: str
     key = (lineage or {}).get("manifest_sha256")
     mv = _left_by_unfinished_run(c, name, str(key)) if key else None
     if mv is not None:  # these bytes, registered by a run that died before it finished: finish that registration
-        what = f"version {mv.version} of this merge (registered by run {mv.run_id}, which did not finish) reused"
+        whose = "which" if c.get_run(mv.run_id).info.status != "FINISHED" else "whose pipeline run"
+        what = f"version {mv.version} of this merge (registered by run {mv.run_id}, {whose} did not finish) reused"
         if score is not None:
             c.set_model_version_tag(name, mv.version, _score_tag(metric), repr(float(score)))
         c.set_model_version_tag(name, mv.version, "alloy.reused_by_run", run_id)
-        c.set_tag(mv.run_id, "alloy.registration", f"finished by run {run_id}")
+        if whose == "which":  # a finished run keeps what it said about its registration
+            c.set_tag(mv.run_id, "alloy.registration", f"finished by run {run_id}")
     else:
         mv = c.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags,
                                     description=f"{(lineage or {}).get('run_name', '')}".strip() or None)  # fmt: skip
@@ -277,18 +280,22 @@ def register_candidate(tracking_uri: str, name: str, run_id: str, *, metric: str
 
 
 def _left_by_unfinished_run(c, name: str, manifest_sha256: str):
-    """The oldest version of `name` holding these merge bytes whose registering run was killed or failed, else None.
+    """The oldest version of `name` holding these merge bytes left by a run that did not finish, else None.
 
-    Such a version is complete (its artifacts were logged before it was created), but the run that created it (or
-    the run that last took it over) never finished: registering the merge again would list the same weights twice.
-    A finished run's version is not reused: each pipeline run records its own versions, as before."""
+    Such a version is complete (its artifacts were logged before it was created), but the run that created it (or the
+    run that last took it over) was killed or failed, or its pipeline run was: the candidates of a killed pipeline run
+    that finished before the kill (registration goes candidate by candidate) belong to a run that did not, and the
+    rerun would list the same weights twice. A version of a finished pipeline run is not reused: each pipeline run
+    records its own versions."""
     found = c.search_model_versions(f"name = '{name}' and tags.`alloy.manifest_sha256` = '{manifest_sha256}'")
     for mv in sorted(found, key=lambda v: int(v.version)):
         owner = mv.tags.get("alloy.reused_by_run") or mv.run_id
         try:
-            status = c.get_run(owner).info.status if owner else None
+            run = c.get_run(owner) if owner else None
+            parent = run.data.tags.get("mlflow.parentRunId") if run else None
+            statuses = [run.info.status if run else None, c.get_run(parent).info.status if parent else None]
         except Exception:  # the run was deleted
             continue
-        if status in ("KILLED", "FAILED"):
+        if any(s in ("KILLED", "FAILED") for s in statuses):
             return mv
     return None

@@ -210,11 +210,14 @@ def test_kill_during_evaluation_then_rerun_finishes(tmp_path, tiny_family_dir):
     merged = {n for n in CANDIDATES if (tmp_path / "merges" / "ta" / n / "alloy_manifest.json").is_file()}
     assert merged == set(CANDIDATES)  # both merged (the second is being evaluated)
     running = [r for (r,) in sql(db, "SELECT run_uuid FROM runs WHERE status = 'RUNNING'")]
-    assert len(running) == 3  # the pipeline run and its two candidates, left RUNNING by the dead process
-    # (the scored candidate may have been registered meanwhile: registration goes candidate by candidate)
-    assert sql(db, "SELECT count(*) FROM model_versions") in ([], [(0,)], [(1,)])
     (killed_parent,) = sql(db, "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
                                "WHERE t.key = 'alloy.role' AND t.value = 'pipeline'")[0]  # fmt: skip
+    # The pipeline run and the candidate being evaluated are left RUNNING by the dead process. The scored candidate
+    # may have been registered and its run ended meanwhile (registration goes candidate by candidate, while the other
+    # evaluates); then its version belongs to a killed pipeline run, and the rerun must reuse it, not register it again.
+    finished = [r for (r,) in sql(db, "SELECT run_uuid FROM runs WHERE status = 'FINISHED'")]
+    assert killed_parent in running and len(running) + len(finished) == 3 and len(running) >= 2, (running, finished)
+    assert sql(db, "SELECT count(*) FROM model_versions") in ([], [(0,)], [(1,)])
 
     took = rerun(params, tmp_path / "run2.log")
     cands = check_consistent(tmp_path, killed_parent, running)
@@ -227,6 +230,32 @@ def test_kill_during_evaluation_then_rerun_finishes(tmp_path, tiny_family_dir):
     assert cached == len(done)
     assert {n for n, r in cands.items() if r.data.metrics["merge.reused"] == 1.0} == merged
     print(f"killed {waited:.1f} s in, {len(done)} of 6 scores cached, the second evaluation running; rerun {took:.1f} s")
+
+
+def test_kill_after_one_candidate_was_registered_then_rerun_registers_it_once(tmp_path, tiny_family_dir):
+    """The moment CI once hit by chance: the first candidate registered and its run FINISHED, the pipeline run not."""
+    params = write_params(tmp_path, tiny_family_dir, tasks=["heldout_ppl", "facts_mc", "words_em"], limit=4,
+                          parents=False)  # fmt: skip
+    db = tmp_path / "mlflow.db"
+    cand_finished = ("SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE r.status = 'FINISHED' "
+                     "AND t.key = 'alloy.role' AND t.value = 'candidate'")  # fmt: skip
+    # held after create_model_version, so the kill comes before the second candidate's registration
+    proc = start(params, tmp_path / "run1.log", ALLOY_TEST_SLOW_REGISTER="3")
+    kill_when(proc, lambda: len(sql(db, cand_finished)) == 1, tmp_path / "run1.log")
+    ((done_run,),) = sql(db, cand_finished)
+    ((version_run,),) = sql(db, "SELECT run_id FROM model_versions")
+    assert version_run == done_run
+    running = [r for (r,) in sql(db, "SELECT run_uuid FROM runs WHERE status = 'RUNNING'")]
+    (killed_parent,) = sql(db, "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                               "WHERE t.key = 'alloy.role' AND t.value = 'pipeline'")[0]  # fmt: skip
+    assert killed_parent in running and len(running) == 2
+
+    rerun(params, tmp_path / "run2.log")
+    cands = check_consistent(tmp_path, killed_parent, running)  # one version per merge: the finished one's reused
+    reused = [r for r in cands.values() if "whose pipeline run did not finish) reused" in r.data.tags["alloy.registration"]]
+    assert len(reused) == 1
+    c = _client(f"sqlite:///{db}")
+    assert c.get_run(done_run).data.tags["alloy.registration"].startswith("registered as version")
 
 
 def test_kill_during_registration_then_rerun_registers_each_merge_once(tmp_path, tiny_family_dir):
@@ -314,3 +343,42 @@ def test_only_an_unfinished_runs_version_is_reused(tmp_path):
     r4 = registry.register_candidate(uri, "m", other, metric="ppl", score=4.0, higher_is_better=False,
                                      lineage={"manifest_sha256": "b" * 64})  # fmt: skip
     assert r4.version == "3" and r4.champion
+
+
+def test_a_finished_candidate_of_a_killed_pipeline_run_gives_its_version_to_the_rerun(tmp_path):
+    """Registration goes candidate by candidate: a kill can come after one candidate's run was registered and FINISHED
+    while its pipeline run was not. That version is the killed pipeline's, so the rerun reuses it; a version of a
+    finished pipeline run is not reused."""
+    from alloy import registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = registry.ensure_experiment(uri, "reuse-parent", tmp_path / "art")
+    c = registry.client(uri)
+
+    def candidate(pipeline: str, name: str) -> str:
+        run = registry.start_run(uri, exp, name, parent_run_id=pipeline)
+        model = tmp_path / name
+        model.mkdir()
+        (model / "config.json").write_text("{}")
+        registry.log_artifacts(uri, run, folders={"model": model})
+        return run
+
+    lineage = {"manifest_sha256": "c" * 64}
+    killed = registry.start_run(uri, exp, "pipeline 1")
+    done = candidate(killed, "done")
+    r1 = registry.register_candidate(uri, "m", done, metric="ppl", score=3.0, higher_is_better=False, lineage=lineage)
+    registry.end_run(uri, done)
+    c.set_terminated(killed, status="KILLED")  # the kill: after the candidate's run ended, before its pipeline's
+
+    rerun = registry.start_run(uri, exp, "pipeline 2")
+    again = candidate(rerun, "again")
+    r2 = registry.register_candidate(uri, "m", again, metric="ppl", score=3.0, higher_is_better=False, lineage=lineage)
+    assert r2.version == r1.version and "whose pipeline run did not finish) reused" in r2.reason
+    assert c.get_run(done).data.tags["alloy.registration"] == r1.reason  # the finished run's own record stands
+    registry.end_run(uri, again)
+    registry.end_run(uri, rerun)
+
+    third = registry.start_run(uri, exp, "pipeline 3")  # after a finished pipeline run: a version of its own
+    r3 = registry.register_candidate(uri, "m", candidate(third, "new"), metric="ppl", score=3.0,
+                                     higher_is_better=False, lineage=lineage)  # fmt: skip
+    assert r3.version != r1.version and len(c.search_model_versions("name='m'")) == 2
