@@ -322,6 +322,49 @@ def test_chunked_elementwise_methods_give_identical_bytes(monkeypatch, method, p
     assert torch.equal(whole.view(torch.int16), chunked.view(torch.int16))
 
 
+def test_consumed_inputs_are_released_before_the_method_runs(monkeypatch):
+    """consume=True (the engine's own call) empties the input list once the inputs are cast, so the read buffers die
+    before the method's temporaries are made; the output is the same bytes."""
+    import gc
+    import weakref
+
+    from merging import engine
+    from merging.plan import TensorTask
+
+    g = torch.Generator().manual_seed(1)
+    task = TensorTask("w", "linear", [(0, "w"), (1, "w")], None, {"weight": [0.5, 0.5]}, {"normalize": True},
+                      torch.bfloat16, (64, 32), torch.float32)  # fmt: skip
+    xs = [torch.randn(64, 32, generator=g).to(torch.bfloat16) for _ in range(2)]
+    want = engine.compute_tensor(task, xs, None, seed=0)
+    assert len(xs) == 2  # by default the caller's list is left alone
+    refs = [weakref.ref(x) for x in xs]
+    seen = []
+    real = engine.REGISTRY["linear"].call
+
+    def spy(*args, **kw):  # what is still alive when the method starts
+        gc.collect()
+        seen.append([r() is not None for r in refs])
+        return real(*args, **kw)
+
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(engine.REGISTRY, "linear", SimpleNamespace(call=spy, seeded=False))
+    got = engine.compute_tensor(task, xs, None, seed=0, consume=True)
+    assert xs == [] and seen == [[False, False]]
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_merging_turns_on_torch_huge_pages_unless_the_user_chose(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import os, merging, torch; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "1"
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "0"
+
+
 def test_resume_key_changes_when_an_input_or_its_tokenizer_changes(tmp_path):
     """--resume may reuse a killed merge's shards only while every input (weights and tokenizer files, which decide
     the embedding rows under a tokenizer policy) is the one the shards were computed from."""
