@@ -93,18 +93,24 @@ def rerun(params: Path, log: Path) -> float:
     return time.monotonic() - t0
 
 
-def sql(db: Path, query: str) -> list[tuple]:
-    """A read of the store by the test while the pipeline writes it (no MLflow client, no migrations)."""
+def sql(db: Path, query: str, *, polling: bool = False) -> list[tuple]:
+    """A read of the store by the test (no MLflow client, no migrations).
+
+    polling (while the pipeline writes the store): read-only, and any error reads as "not yet". After the kill: a
+    read-write connection, because a transaction the kill cut short leaves a hot journal that only a writer may roll
+    back (a read-only connection fails on it); errors other than a missing table are raised."""
     if not db.is_file():
         return []
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) if polling else sqlite3.connect(db, timeout=30)
         try:
             return con.execute(query).fetchall()
         finally:
             con.close()
-    except sqlite3.Error:  # tables not created yet
-        return []
+    except sqlite3.Error as e:
+        if polling or "no such table" in str(e):
+            return []
+        raise
 
 
 def _client(uri: str):
@@ -241,7 +247,7 @@ def test_kill_after_one_candidate_was_registered_then_rerun_registers_it_once(tm
                      "AND t.key = 'alloy.role' AND t.value = 'candidate'")  # fmt: skip
     # held after create_model_version, so the kill comes before the second candidate's registration
     proc = start(params, tmp_path / "run1.log", ALLOY_TEST_SLOW_REGISTER="3")
-    kill_when(proc, lambda: len(sql(db, cand_finished)) == 1, tmp_path / "run1.log")
+    kill_when(proc, lambda: len(sql(db, cand_finished, polling=True)) == 1, tmp_path / "run1.log")
     ((done_run,),) = sql(db, cand_finished)
     ((version_run,),) = sql(db, "SELECT run_id FROM model_versions")
     assert version_run == done_run
@@ -263,7 +269,8 @@ def test_kill_during_registration_then_rerun_registers_each_merge_once(tmp_path,
     db = tmp_path / "mlflow.db"
     # ALLOY_TEST_SLOW_REGISTER holds the process right after create_model_version, before the champion decision
     proc = start(params, tmp_path / "run1.log", ALLOY_TEST_SLOW_REGISTER="120")
-    waited = kill_when(proc, lambda: sql(db, "SELECT count(*) FROM model_versions") == [(1,)], tmp_path / "run1.log")
+    waited = kill_when(proc, lambda: sql(db, "SELECT count(*) FROM model_versions", polling=True) == [(1,)],
+                       tmp_path / "run1.log")  # fmt: skip
     # what the kill left: one version, no champion alias, its run RUNNING (the other candidate not registered)
     assert sql(db, "SELECT count(*) FROM model_versions") == [(1,)]
     assert sql(db, "SELECT count(*) FROM registered_model_aliases") == [(0,)]
