@@ -96,8 +96,9 @@ def one_heap_arena() -> None:
     of its own (up to 8 per core), and a block freed in one arena is not reused by the next tensor allocated in
     another; with one arena the merge threads reuse each other's freed blocks (they allocate a few large blocks per
     tensor, so they hardly contend for its lock). Measured with torch's huge-page allocation on (merging/__init__.py):
-    a linear merge of two 1.3 GB models went from 8.9-10.0 to 6.8-8.4 s and 0.89-0.97 to 0.82-0.83 GB peak; ties and
-    dare_ties from 26 to 22-25 s. Process-wide and harmless to other code; without glibc, nothing."""
+    a linear merge of two 1.3 GB models went from 8.9-10.0 to 6.8-8.4 s and 0.89-0.97 to 0.82-0.83 GB peak, ties
+    from 26.1-26.4 to 23.6-25.5 s, dare_ties from 25.5-26.3 to 22.3-22.5 s (two runs each). Process-wide and harmless
+    to other code; without glibc, nothing."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_ARENA_MAX, 1)
@@ -127,7 +128,8 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
     """One output tensor from its inputs: cast to the compute dtype, run the method (or its kernel), cast out.
 
     consume: empty `inputs` once they are cast, so that (when the caller keeps no other reference) the read buffers are
-    freed before the method makes its temporaries: 0.4 GB less at the peak of a three-model embedding merge."""
+    freed before the method makes its temporaries. It matters where the compute dtype differs from the stored one
+    (linear and slerp compute bf16 inputs in fp32): two bf16 32000x2048 embeddings are 262 MB of read buffers."""
     if kernels is None:
         kernels = device.startswith("cuda")
 
