@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("alloy.cmd_pipeline:serve", "serve the pipeline on a cron schedule"),
     "report": ("alloy.cmd_report:main", "build the HTML report of a pipeline run"),
     "ui": ("alloy.cmd_report:ui", "start the MLflow UI on the project's store"),
+    "gram": ("alloy.cmd_gram:main", "Gram matrices of a model's layer inputs on its data (for regmean)"),
     "inspect": ("alloy.cmd_inspect:main", "task-vector similarity, sign conflicts and trim fractions of a config"),
     "search": ("alloy.cmd_search:main", "Optuna search over merge recipes"),
 }

@@ -85,10 +85,12 @@ METHOD_RANGES: dict[tuple[str, str], Range] = {
     ("nearswap", "t"): NON_NEGATIVE,  # a distance threshold, not an interpolation factor
     ("ram", "epsilon"): NON_NEGATIVE,  # the |delta| below which a change does not count
     ("ramplus_tl", "epsilon"): NON_NEGATIVE,
+    ("regmean", "alpha"): UNIT,  # a share of the Grams' off-diagonal entries kept
 }
 BOOLEANS = {"normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_row_wise", "nuslerp_flatten",
             "normalize_weights"}
 CHOICES = {"consensus_method": ("sum", "count")}
+FILES = {"gram"}  # a path to a safetensors file of per-tensor statistics
 
 
 def parameter_range(method: str, name: str) -> Optional[Range]:
@@ -111,6 +113,10 @@ def _check_value(method: str, name: str, where: str, value: Any) -> None:
         # YAML "false" in quotes is a string, and a non-empty string is true: refuse it rather than flip the meaning
         if not isinstance(value, bool) and value not in (0, 1):
             raise ConfigError(f"{where}: {value!r} is not true or false (method {method!r})")
+        return
+    if name in FILES:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {value!r} is not a file path (method {method!r})")
         return
     if name in CHOICES:
         if value not in CHOICES[name]:

@@ -124,7 +124,8 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Tensor | None, *, seed: int,
-                   device: str = "cpu", kernels: bool | None = None, consume: bool = False) -> torch.Tensor:
+                   device: str = "cpu", kernels: bool | None = None, consume: bool = False,
+                   side: dict[str, list[torch.Tensor | None]] | None = None) -> torch.Tensor:
     """One output tensor from its inputs: cast to the compute dtype, run the method (or its kernel), cast out.
 
     consume: empty `inputs` once they are cast, so that (when the caller keeps no other reference) the read buffers are
@@ -166,7 +167,11 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
         if fn is None and task.method in ELEMENTWISE and xs[0].numel() > 2 * CHUNK:
             out = _chunked(spec, xs, b, task)
         else:
-            out = spec.call(xs, b, task.per_model, task.global_params, generator=gen, fn=fn)
+            per_model = task.per_model
+            if task.side:
+                per_model = {**per_model, **{p: [None if t is None else t.to(device) for t in ts]
+                                             for p, ts in (side or {}).items()}}
+            out = spec.call(xs, b, per_model, task.global_params, generator=gen, fn=fn)
     if tuple(out.shape) != task.shape:
         raise AlloyError(f"tensor {task.name!r}: method {task.method} produced shape {tuple(out.shape)}, expected {task.shape}")
     return out.to(task.dtype).cpu()
@@ -189,12 +194,16 @@ def _chunked(spec, xs: list[torch.Tensor], b: torch.Tensor | None, task: TensorT
 def _load(plan: Plan, task: TensorTask) -> list:
     xs = [plan.checkpoints[m].read(n) for m, n in task.inputs]
     b = plan.checkpoints[task.base[0]].read(task.base[1]) if task.base else None
-    return [xs, b]
+    side = {p: [None if e is None else plan.side_files[e[0]].checkpoint.read(e[1]) for e in entries]
+            for p, entries in task.side.items()}
+    return [xs, b, side]
 
 
 def _task_bytes(plan: Plan, task: TensorTask) -> int:
     refs = task.inputs + ([task.base] if task.base else [])
-    return sum(plan.checkpoints[m].info(n).nbytes for m, n in refs)
+    side = [e for entries in task.side.values() for e in entries if e is not None]
+    return sum(plan.checkpoints[m].info(n).nbytes for m, n in refs) + \
+        sum(plan.side_files[i].checkpoint.info(n).nbytes for i, n in side)
 
 
 def compute_workers() -> int:
@@ -218,9 +227,9 @@ def iter_computed(plan: Plan, tasks: list[TensorTask], *, seed: int, device: str
     nxt = 0
 
     def job(task: TensorTask, read: Future) -> torch.Tensor:
-        loaded = read.result()  # [inputs, base]: popped, so that compute_tensor holds the only references
+        loaded = read.result()  # [inputs, base, side]: popped, so that compute_tensor holds the only references
         return compute_tensor(task, loaded.pop(0), loaded.pop(0), seed=seed, device=device, kernels=kernels,
-                              consume=True)  # fmt: skip
+                              consume=True, side=loaded.pop(0))  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="alloy-read") as readers, \
             ThreadPoolExecutor(max_workers=compute, thread_name_prefix="alloy-compute",
@@ -288,6 +297,9 @@ def _layout_key(layout: ShardLayout, plan: Plan, seed: int) -> str:
         for f in ck.files() + side:  # tokenizer files decide the embedding rows under a tokenizer policy
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for sf in plan.side_files:  # statistics a method reads (RegMean's Grams) decide the output as much
+        st = sf.path.stat()
+        h.update(f"{sf.parameter}|{sf.path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     for name, shard in zip(layout.file_names, layout.shards):
         h.update(name.encode())
         h.update(encode_header(shard, {"format": "pt"}))

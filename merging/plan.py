@@ -46,6 +46,32 @@ class TensorTask:
     shape: tuple[int, ...]
     compute_dtype: Optional[torch.dtype]
     align: Optional[Alignment] = None  # tokenizer policy: re-index the inputs' vocabulary rows before the method
+    # side inputs (MethodSpec.side_inputs): per parameter, per model, (index in Plan.side_files, tensor) or None
+    side: dict[str, list[Optional[tuple[int, str]]]] = field(default_factory=dict)
+
+
+class SideFile:
+    """A safetensors file of per-tensor statistics a method reads beside the models (RegMean's Gram matrices).
+
+    Its header metadata may map tensor names to the stored name they share (`alloy.aliases`, JSON): layers that read
+    the same input (q/k/v projections) have one Gram matrix."""
+
+    def __init__(self, path: Path, parameter: str):
+        import json
+
+        from merging.io import read_header
+
+        self.path, self.parameter = path, parameter
+        self.checkpoint = Checkpoint(path)
+        _, meta = read_header(path)
+        try:
+            self.aliases: dict[str, str] = json.loads(meta.get("alloy.aliases", "{}"))
+        except ValueError:
+            raise InputError(f"{path}: invalid alloy.aliases metadata") from None
+
+    def stored_name(self, name: str) -> Optional[str]:
+        stored = self.aliases.get(name, name)
+        return stored if stored in self.checkpoint else None
 
 
 @dataclass
@@ -59,6 +85,7 @@ class Plan:
     template_index: int  # the model whose config/tokenizer/non-layer layout the output follows
     notes: list[str] = field(default_factory=list)
     vocab: Optional[OutputVocab] = None  # the output vocabulary when a tokenizer policy re-aligns embeddings
+    side_files: list["SideFile"] = field(default_factory=list)  # statistics files a method reads beside the models
 
     @property
     def bytes_in(self) -> int:
@@ -205,6 +232,36 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
 
     tasks: list[TensorTask] = []
     seen_out: set[str] = set()
+    side_files: list[SideFile] = []
+    side_index: dict[tuple[str, Path], int] = {}
+
+    def side_entries(p: str, paths: list[Any], entries: list, out_name: str, shape: tuple[int, ...]) -> list:
+        """Open each model's statistics file once; find this tensor's entry, checked against the tensor's shape."""
+        found = []
+        for path, (ref, (_, name)) in zip(paths, entries):
+            f = Path(path).expanduser()
+            if not f.is_absolute():
+                f = next((d / f for d in search if (d / f).exists()), f)
+            if not f.is_file():
+                raise InputError(f"parameters.{p} of model {ref}: file {path} does not exist")
+            key = (p, f.resolve())
+            if key not in side_index:
+                side_index[key] = len(side_files)
+                side_files.append(SideFile(f, p))
+            sf = side_files[side_index[key]]
+            stored = sf.stored_name(name)
+            if stored is not None and len(shape) == 2:
+                got = sf.checkpoint.info(stored).shape
+                if got != (shape[1], shape[1]):
+                    raise InputError(f"{f}: {p} of tensor {name!r} has shape {list(got)}, expected "
+                                     f"{[shape[1], shape[1]]} (is it another model's file?)")
+            found.append((side_index[key], stored) if stored is not None else None)
+        have = [str(ref) for (ref, _), e in zip(entries, found) if e is not None]
+        if have and len(have) != len(found):
+            missing = next((paths[i], str(entries[i][0])) for i, e in enumerate(found) if e is None)
+            raise InputError(f"{missing[0]}: no {p} for tensor {out_name!r} of model {missing[1]}, while the file of "
+                             f"{have[0]} has one")
+        return found
 
     def add(out_name: str, in_names: list[tuple[ModelRef, str]], params: _Params, t: float, slice_base: Optional[ModelRef]) -> None:
         if out_name in seen_out:
@@ -278,8 +335,10 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
             check_task_parameters(spec.name, [str(ref) for ref, _ in entries], per_model, glob, out_name)
         ref_info = ckpts[str(base_ref)].info(base_entry[1]) if base_entry else infos[0][1]
         out_dtype = out_dtype_cfg or compute or ref_info.dtype
+        side = {p: side_entries(p, per_model[p], entries, out_name, tuple(shape0))
+                for p in (spec.side_inputs if spec else ())}
         tasks.append(TensorTask(out_name, config.merge_method, [e for _, e in entries], base_entry, per_model,
-                                glob, out_dtype, tuple(shape0), compute, align))
+                                glob, out_dtype, tuple(shape0), compute, align, side))
 
     # non-layer tensors of the template model, split into those before and after the layers
     first, last = slices[0], slices[-1]
@@ -338,7 +397,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
 
     total_layers = out_layer if any(_split(n) for n in template_ck.tensors) else None
     return Plan(config, models, checkpoints, tasks, index[str(base)] if base is not None else None,
-                total_layers, template, notes=list(vocab.notes) if vocab else [], vocab=vocab)
+                total_layers, template, notes=list(vocab.notes) if vocab else [], vocab=vocab, side_files=side_files)
 
 
 def _check_no_extra(ref: ModelRef, ck: Checkpoint, names: list[str], expected: set[str], template: ModelRef,

@@ -14,6 +14,7 @@ from merging.methods import (  # noqa: F401  (isort: skip)
     ram,
     subspace,
     consensus,
+    regmean,
 )
 
 __all__ = ["REGISTRY", "MethodSpec", "PerModel", "merge_method"]

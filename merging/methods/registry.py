@@ -28,6 +28,9 @@ class MethodSpec:
     min_models: int = 1  # non-base tensors (all tensors when base is False)
     max_models: int | None = None
     required: frozenset[str] = frozenset()  # yaml names declared without a default
+    # per-model parameters naming a safetensors file: the engine reads, for each tensor, the file's tensor of the
+    # same name and passes it (None where the file has none) in place of the path (RegMean's Gram matrices)
+    side_inputs: tuple[str, ...] = ()
 
     @property
     def parameters(self) -> set[str]:
@@ -105,10 +108,11 @@ def _yaml_name(py_name: str) -> str:
 
 
 def merge_method(name: str, *, paper: str = "", base: bool | str = False, min_models: int = 1,
-                 max_models: int | None = None):
+                 max_models: int | None = None, side_inputs: tuple[str, ...] = ()):
     """Register `fn(tensors, [base,] *, params...)`; keyword-only parameters annotated PerModel are per model.
 
     A keyword-only parameter without a default is required; `generator` marks the method as seeded.
+    side_inputs: per-model parameters whose value is a safetensors file of per-tensor statistics (see MethodSpec).
     """
 
     def deco(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -131,8 +135,11 @@ def merge_method(name: str, *, paper: str = "", base: bool | str = False, min_mo
             target[_yaml_name(p.name)] = default
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
+        unknown = [p for p in side_inputs if p not in per_model]
+        if unknown:
+            raise ValueError(f"merge method {name!r}: side input {unknown[0]!r} is not a per-model parameter")
         REGISTRY[name] = MethodSpec(name, fn, paper, base, per_model, glob, seeded, min_models, max_models,
-                                    frozenset(required))
+                                    frozenset(required), tuple(side_inputs))
         fn.spec = REGISTRY[name]  # type: ignore[attr-defined]
         return fn
 

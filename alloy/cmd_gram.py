@@ -1,0 +1,70 @@
+"""`alloy gram MODEL DATA OUT.safetensors`: the Gram matrices RegMean merges with (merging.gram).
+
+DATA: a .jsonl file (rows with "text", or "prompt" and "answer": the answer follows the prompt after a space, as the
+demo's skills are trained), a text file (one text per non-empty line), or skill:NAME for the training split of a
+bundled demo skill (the data the demo's specialists were tuned on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from merging.errors import ConfigError, InputError
+
+
+def load_texts(data: str, n: int, seed: int = 0) -> list[str | tuple[str, str]]:
+    """Up to n texts of a data spec (see the module docstring); (prompt, continuation) pairs for prompt/answer rows."""
+    if n < 1:
+        raise ConfigError(f"examples={n}: take the Gram matrices on at least one text")
+    if data.startswith("skill:"):
+        from alloy.demo import skills as sk
+
+        return [(e["prompt"], " " + e["answer"] + "\n") for e in sk.make_examples(data[6:], "train", n, seed=seed)]
+    path = Path(data)
+    if not path.is_file():
+        raise InputError(f"{data}: no such file (give a .jsonl or text file, or skill:NAME)")
+    out: list[str | tuple[str, str]] = []
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if path.suffix != ".jsonl":
+            out.append(line)
+        else:
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise InputError(f"{path}:{i + 1}: not JSON ({e})") from None
+            if isinstance(row, dict) and isinstance(row.get("text"), str):
+                out.append(row["text"])
+            elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("answer"), str):
+                out.append((row["prompt"], " " + row["answer"] + "\n"))
+            else:
+                raise InputError(f"{path}:{i + 1}: a row needs a string 'text', or 'prompt' and 'answer'")
+        if len(out) == n:
+            break
+    if not out:
+        raise InputError(f"{path}: no texts")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alloy gram", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model folder (Hugging Face checkpoint)")
+    p.add_argument("data", help="a .jsonl or text file, or skill:NAME")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--examples", type=int, default=128, help="texts to read (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="skill:NAME only: the draw of the training split")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per text kept (default 512)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = p.parse_args(argv)
+    from merging.gram import write_grams
+
+    texts = load_texts(args.data, args.examples, args.seed)
+    meta = write_grams(args.model, texts, args.out, data=f"{args.data} examples={len(texts)} seed={args.seed}",
+                       max_tokens=args.max_tokens, overwrite=args.overwrite)
+    n = len(json.loads(meta["alloy.aliases"]))
+    print(f"{args.out}: Gram matrices of {args.model} on {meta['texts']} texts ({meta['tokens']} tokens), "
+          f"{n} layers sharing another's input")
+    return 0
