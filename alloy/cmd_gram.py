@@ -48,6 +48,37 @@ def load_texts(data: str, n: int, seed: int = 0) -> list[str | tuple[str, str]]:
     return out
 
 
+def data_label(data: str, examples: int, seed: int) -> str:
+    return f"{data} examples={examples} seed={seed}"
+
+
+def ensure_grams(model_dir: str | Path, data: str, out: str | Path, *, examples: int = 128, seed: int = 0) -> dict:
+    """Compute `out` unless it already holds this model's Grams on this data (the model's files by sha256).
+
+    Returns {"path", "reused", "seconds", "tokens"}."""
+    import time
+
+    from merging.gram import read_metadata
+    from merging.hashing import file_sha256
+    from merging.io import Checkpoint
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    label = data_label(data, examples, seed)
+    if out.is_file():
+        try:
+            meta = read_metadata(out)
+        except Exception:  # noqa: BLE001 - an unreadable file is recomputed
+            meta = {}
+        files = json.dumps({f.name: file_sha256(f) for f in Checkpoint(model_dir).files()}, sort_keys=True)
+        if meta.get("data") == label and meta.get("model_files") == files:
+            return {"path": str(out), "reused": True, "seconds": time.perf_counter() - t0, "tokens": int(meta["tokens"])}
+    from merging.gram import write_grams
+
+    meta = write_grams(model_dir, load_texts(data, examples, seed), out, data=label, overwrite=True)
+    return {"path": str(out), "reused": False, "seconds": round(time.perf_counter() - t0, 2), "tokens": int(meta["tokens"])}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="alloy gram", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +93,7 @@ def main(argv: list[str]) -> int:
     from merging.gram import write_grams
 
     texts = load_texts(args.data, args.examples, args.seed)
-    meta = write_grams(args.model, texts, args.out, data=f"{args.data} examples={len(texts)} seed={args.seed}",
+    meta = write_grams(args.model, texts, args.out, data=data_label(args.data, args.examples, args.seed),
                        max_tokens=args.max_tokens, overwrite=args.overwrite)
     n = len(json.loads(meta["alloy.aliases"]))
     print(f"{args.out}: Gram matrices of {args.model} on {meta['texts']} texts ({meta['tokens']} tokens), "

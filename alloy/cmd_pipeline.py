@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from merging.errors import InputError
+
 # Set before prefect/mlflow/transformers are imported; a user's own settings win.
 _ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -44,21 +46,17 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-configs", metavar="DIR", default=None,
                    help="only write each candidate's mergekit YAML to DIR/<candidate>/<merge>.yml and the quantisation "
                    "check's arguments (what dvc.yaml's stages read), then exit")  # fmt: skip
+    p.add_argument("--write-grams", action="store_true",
+                   help="only compute the Gram matrices the candidates read (regmean) into <paths.models>/grams, "
+                   "then exit (dvc.yaml's grams stage)")  # fmt: skip
     p.add_argument("--summarize", metavar="RESULTS", default=None,
                    help="only collect the eval and quant-check JSON that dvc.yaml's stages wrote under RESULTS into "
                    "RESULTS/summary.json and RESULTS/comparison.md, then exit")  # fmt: skip
     return p
 
 
-def write_configs(params_path: str, overrides: list[str], out_dir: str) -> list[Path]:
-    """Each expanded candidate as a mergekit YAML whose models are paths (relative to the params file's folder)."""
-    import shutil
-
-    import yaml
-
-    from alloy.pipeline_params import expand_candidates, load_params, model_name_of
-
-    params = load_params(params_path, overrides)
+def _model_locator(params):
+    """name -> where a merge config finds the model (a path relative to the params file's folder, or a hub id)."""
     models = params.all_models()
     fam = params.family_dir()
     root = params.root
@@ -76,6 +74,47 @@ def write_configs(params_path: str, overrides: list[str], out_dir: str) -> list[
         if spec.gguf:
             return os.path.relpath(params.path(params.paths.models) / name, root)
         return name
+
+    return where
+
+
+def write_grams(params_path: str, overrides: list[str]) -> list[Path]:
+    """The Gram matrices every candidate reads (regmean), as the flow computes them, and an index beside them
+    (<paths.models>/grams/grams.json, written even when no candidate needs any: dvc.yaml's stage output)."""
+    import json
+
+    from alloy.cmd_gram import ensure_grams
+    from alloy.pipeline_params import expand_candidates, load_params, needed_grams
+
+    params = load_params(params_path, overrides)
+    where = _model_locator(params)
+    folder = params.path(params.paths.models) / "grams"
+    folder.mkdir(parents=True, exist_ok=True)
+    index, written = {}, []
+    for m, g in needed_grams(expand_candidates(params, source=params_path), params_path).items():
+        local = params.path(where(m))
+        if not local.is_dir():
+            raise InputError(f"grams: model {m!r} is not a local folder ({where(m)}); run the pipeline (alloy run) or "
+                             "download it first")
+        res = ensure_grams(local, g["data"], params.path(g["file"]), examples=g["examples"], seed=g["seed"])
+        index[m] = {"file": g["file"], "data": g["data"], "examples": g["examples"], "seed": g["seed"],
+                    "tokens": res["tokens"]}
+        written.append(Path(res["path"]))
+    (folder / "grams.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return written
+
+
+def write_configs(params_path: str, overrides: list[str], out_dir: str) -> list[Path]:
+    """Each expanded candidate as a mergekit YAML whose models are paths (relative to the params file's folder)."""
+    import json
+    import shutil
+
+    import yaml
+
+    from alloy.pipeline_params import expand_candidates, load_params, model_name_of
+
+    params = load_params(params_path, overrides)
+    where = _model_locator(params)
 
     def swap(node):
         if isinstance(node, dict):
@@ -101,6 +140,11 @@ def write_configs(params_path: str, overrides: list[str], out_dir: str) -> list[
     tmp.mkdir(parents=True, exist_ok=True)
     for name, text in _quant_args(params, where).items():
         (tmp / name).write_text(text + "\n")
+    # what the grams stage computes: it depends on this file, not on every candidate parameter
+    from alloy.pipeline_params import needed_grams
+
+    needed = needed_grams(expand_candidates(params, source=params_path), params_path)
+    (tmp / "grams.json").write_text(json.dumps(needed, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return written
@@ -211,6 +255,10 @@ def run(argv: list[str]) -> int:
     _env()
     if args.write_configs:
         for f in write_configs(args.params, args.overrides, args.write_configs):
+            print(f)
+        return 0
+    if args.write_grams:
+        for f in write_grams(args.params, args.overrides):
             print(f)
         return 0
     if args.summarize:

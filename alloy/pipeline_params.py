@@ -100,6 +100,15 @@ class FamilySpec(_Strict):
         return kw
 
 
+class GramSpec(_Strict):
+    """What RegMean's Gram matrices (merging.gram) are taken on, per merged model: a .jsonl or text file, or
+    skill:NAME (a demo skill's training split; the default for the family's specialists)."""
+
+    data: dict[str, str] = Field(default_factory=dict)
+    examples: int = Field(default=128, ge=1)
+    seed: int = 0
+
+
 class CandidateSpec(_Strict):
     name: str
     config: Optional[dict[str, Any]] = None  # a mergekit-style config, used as it is
@@ -110,6 +119,7 @@ class CandidateSpec(_Strict):
     model_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)  # {model: {weight, density}}
     dtype: Optional[str] = None
     grid: dict[str, list[Scalar]] = Field(default_factory=dict)  # {param or model.param: [values]}
+    grams: Optional[GramSpec] = None  # methods that read Gram matrices (regmean): what they are taken on
 
     @field_validator("name")
     @classmethod
@@ -482,6 +492,8 @@ class Candidate:
     config: dict  # mergekit-style, models referred to by their names in params.models
     point: dict[str, Scalar] = field(default_factory=dict)  # the grid values that made it
     seed: int = 0
+    # Gram matrices the merge reads, to be computed first: {model: {"file", "data", "examples", "seed"}}
+    grams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -495,7 +507,8 @@ class Candidate:
         """Method and key parameters, grid values first, readable: 'ties density=0.5 weight=1'."""
         flat = flat_params(self.config)
         keys = [k for k in self.point if k in flat] + [k for k in flat if k not in self.point]
-        bits = [self.method] + [f"{k}={_short(flat[k])}" for k in keys if k not in ("dtype", "out_dtype", "tokenizer_source")]
+        skip = ("dtype", "out_dtype", "tokenizer_source")
+        bits = [self.method] + [f"{k}={_short(flat[k])}" for k in keys if k not in skip and not k.endswith(".gram")]
         return " ".join(bits)[:250]
 
     def parents(self) -> list[str]:
@@ -578,6 +591,42 @@ def _set_grid_value(cfg: dict, key: str, value: Scalar, where: str) -> None:
     raise ConfigError(f"{where}.grid.{key}: no model {model!r} in this candidate ({', '.join(names)})")
 
 
+def gram_file(params: Params, model: str) -> str:
+    """Where the pipeline keeps a model's Gram matrices, relative to the params file's folder (dvc.yaml's too)."""
+    return f"{Path(params.paths.models).as_posix()}/grams/{model}.safetensors"
+
+
+def _plan_grams(params: Params, c: CandidateSpec, cfg: dict, where: str) -> dict[str, dict[str, Any]]:
+    """For a method with Gram side inputs: each model without an explicit `gram` file gets the pipeline's, and
+    what to compute it on (grams.data, a specialist's own skill by default)."""
+    from merging.methods import REGISTRY
+
+    spec = REGISTRY.get(cfg.get("merge_method", ""))
+    if spec is None or "gram" not in spec.side_inputs:
+        if c.grams is not None:
+            raise ConfigError(f"{where}.grams: method {cfg.get('merge_method')!r} reads no Gram matrices")
+        return {}
+    g = c.grams or GramSpec()
+    known = params.all_models()
+    out: dict[str, dict[str, Any]] = {}
+    for m in cfg.get("models") or []:
+        if "gram" in (m.get("parameters") or {}):
+            continue  # a file the user made (alloy gram)
+        name = _model_name(m["model"])
+        data = g.data.get(name) or (f"skill:{known[name].skill}" if name in known and known[name].skill else None)
+        if data is None:
+            raise ConfigError(f"{where}.grams.data.{name}: say what model {name!r}'s Gram matrices are taken on "
+                              "(a .jsonl or text file, or skill:NAME)")
+        if not data.startswith("skill:"):
+            data = str(params.path(data))
+        m.setdefault("parameters", {})["gram"] = gram_file(params, name)
+        out[name] = {"file": gram_file(params, name), "data": data, "examples": g.examples, "seed": g.seed}
+    unknown = sorted(set(g.data) - {_model_name(m["model"]) for m in cfg.get("models") or []})
+    if unknown:
+        raise ConfigError(f"{where}.grams.data.{unknown[0]}: not one of this candidate's models")
+    return out
+
+
 def expand_candidates(params: Params, source: str = "params") -> list[Candidate]:
     """Every concrete merge, grids expanded, each config checked by the engine's parser."""
     from merging.config import parse_config
@@ -593,7 +642,8 @@ def expand_candidates(params: Params, source: str = "params") -> list[Candidate]
             for k, v in point.items():
                 _set_grid_value(cfg, k, v, where)
             name = c.name + "".join(f"-{k.replace('.', '_')}{_slug(v)}" for k, v in point.items())
-            cand = Candidate(name=name, group=c.name, config=cfg, point=point, seed=params.merge.seed)
+            grams = _plan_grams(params, c, cfg, where)
+            cand = Candidate(name=name, group=c.name, config=cfg, point=point, seed=params.merge.seed, grams=grams)
             parse_config(cfg, f"{source}: {where}")
             missing = [p for p in cand.parents() if p not in known and not Path(p).expanduser().exists()
                        and "/" not in p]  # fmt: skip
@@ -605,6 +655,20 @@ def expand_candidates(params: Params, source: str = "params") -> list[Candidate]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"{source}: candidates: two merges are both named {dup[0]!r}")
+    needed_grams(out, source)  # one Gram file per model: candidates must agree on its data
+    return out
+
+
+def needed_grams(candidates: list[Candidate], source: str = "params") -> dict[str, dict[str, Any]]:
+    """{model: gram spec} over all candidates; two candidates asking one model's Grams on different data fail."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in candidates:
+        for m, g in c.grams.items():
+            if m in out and out[m] != g:
+                raise ConfigError(f"{source}: candidates.{c.group}.grams: model {m!r}'s Gram matrices are asked on "
+                                  f"{g['data']} ({g['examples']} examples) here and on {out[m]['data']} "
+                                  f"({out[m]['examples']}) by another candidate; the pipeline keeps one per model")
+            out[m] = g
     return out
 
 

@@ -26,11 +26,12 @@ from prefect import flow, get_run_logger
 
 from alloy import registry
 from alloy.pipeline_params import (Candidate, Params, derived_metrics, expand_candidates, flat_params, load_params,
-                                   primary_scores)
+                                   needed_grams, primary_scores)
 from flows.table import build_rows, render
 from tasks.download import download
 from tasks.evaluate import evaluate
 from tasks.family import demo_family
+from tasks.gram import gram
 from tasks.inspect import inspect
 from tasks.merge import merge
 from tasks.quant import quant
@@ -197,6 +198,10 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
                 raise_error(f"quant.baseline: the check of {b} failed: {b_err}")
             registry.log(uri, parent_run, metrics={f"baseline.{k}": v for k, v in baseline["metrics"].items()})
 
+        # Gram matrices the regmean candidates read: each model's once, before its merges
+        gram_futs = {m: gram.submit(m, models[m], g, str(root)) for m, g in needed_grams(candidates).items()
+                     if m in models}  # fmt: skip
+
         # 4. candidates in parallel: merge -> quant-check -> evaluate
         child: dict[str, str] = {}
         chains: dict[str, dict] = {}
@@ -220,7 +225,9 @@ def merge_pipeline(params_path: str = "params.yaml", overrides: list[str] | None
             out_dir = merges_dir / c.group / c.name
             m_fut = merge.submit(c.name, c.config, used, str(out_dir), seed=c.seed,
                                  shard_size=params.merge.shard_size, dtype=params.merge.dtype,
-                                 device=params.merge.device, card=card, tracking=t)  # fmt: skip
+                                 device=params.merge.device, card=card, tracking=t,
+                                 side_paths={g["file"]: str(root / g["file"]) for g in c.grams.values()},
+                                 wait_for=[gram_futs[m] for m in c.grams if m in gram_futs])  # fmt: skip
             q_fut = (quant.submit(m_fut, str(texts_file), params.quant.thresholds, max_tokens=params.quant.max_tokens,
                                   cache_dir=str(results_dir / "quant"), baseline=baseline, tracking=t)
                      if params.quant.enabled else None)  # fmt: skip

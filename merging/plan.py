@@ -239,7 +239,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
         """Open each model's statistics file once; find this tensor's entry, checked against the tensor's shape."""
         found = []
         for path, (ref, (_, name)) in zip(paths, entries):
-            f = Path(path).expanduser()
+            f = Path((model_paths or {}).get(path, path)).expanduser()  # the pipeline maps its files like models
             if not f.is_absolute():
                 f = next((d / f for d in search if (d / f).exists()), f)
             if not f.is_file():

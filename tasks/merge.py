@@ -31,13 +31,20 @@ def _same_merge(out_dir: Path, config_sha: str, seed: int, inputs: dict[str, dic
     for shard in manifest.get("outputs", {}):
         if not (out_dir / shard).is_file():
             return None
+    from merging.hashing import file_sha256
+
+    for side in manifest.get("side_inputs", []):  # Gram matrices recomputed since: merge again
+        f = Path(side["file"])
+        if not f.is_file() or file_sha256(f) != side["sha256"]:
+            return None
     return manifest
 
 
 def merge_candidate(name: str, config: dict, models: dict[str, dict], out_dir: str | Path, *, seed: int = 0,
                     shard_size: int | str = "2GB", dtype: str | None = None, device: str = "cpu",
-                    card: dict | None = None) -> dict:
-    """Merge (or reuse) one candidate. `models`: {name: download info}. Returns a JSON-able summary."""
+                    card: dict | None = None, side_paths: dict[str, str] | None = None) -> dict:
+    """Merge (or reuse) one candidate. `models`: {name: download info}; `side_paths`: where the files the config
+    names for a method's side inputs are (RegMean's Grams). Returns a JSON-able summary."""
     from alloy.cmd_merge import parse_size
     from merging.config import parse_config
     from merging.engine import run_merge
@@ -58,7 +65,8 @@ def merge_candidate(name: str, config: dict, models: dict[str, dict], out_dir: s
     else:
         size = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
         res = run_merge(cfg, out, seed=seed, shard_size=size, dtype=dtype, device=device, resume=True, overwrite=True,
-                        progress=False, model_paths={m: Path(i["path"]) for m, i in models.items()},
+                        progress=False, model_paths={**{m: Path(i["path"]) for m, i in models.items()},
+                                                     **{k: Path(v) for k, v in (side_paths or {}).items()}},
                         extra_card=card)  # fmt: skip
         manifest = res.manifest
         stats = {"seconds": res.seconds, "gb_per_s": res.gb_per_s, "peak_rss_bytes": res.peak_rss_bytes,
@@ -94,11 +102,11 @@ def merge_metrics(res: dict) -> dict[str, float]:
 @task(name="merge", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def merge(name: str, config: dict, models: dict[str, dict], out_dir: str, *, seed: int = 0,
           shard_size: int | str = "2GB", dtype: str | None = None, device: str = "cpu", card: dict | None = None,
-          tracking: dict | None = None) -> dict:
+          tracking: dict | None = None, side_paths: dict[str, str] | None = None) -> dict:
     from prefect import get_run_logger
 
     res = merge_candidate(name, config, models, out_dir, seed=seed, shard_size=shard_size, dtype=dtype,
-                          device=device, card=card)  # fmt: skip
+                          device=device, card=card, side_paths=side_paths)  # fmt: skip
     how = "reused" if res["reused"] else f"{res['seconds']:.1f} s, {res['gb_per_s']:.2f} GB/s"
     get_run_logger().info(f"{name}: merged into {res['out_dir']} ({how})")
     if tracking:

@@ -35,6 +35,9 @@ PARAMS = {
         "soup": {"method": "linear", "models": ["base", "facts"], "parameters": {"weight": 1.0}},
         "ta": {"method": "task_arithmetic", "base_model": "base", "models": ["facts"],
                "parameters": {"weight": 1.0, "lambda": 0.5}},
+        # RegMean reads Gram matrices the grams stage computes (the specialist on its skill, the base on it too)
+        "rm": {"method": "regmean", "models": ["base", "facts"],
+               "grams": {"examples": 8, "data": {"base": "skill:facts"}}},
     },
     "merge": {"seed": 0, "shard_size": "2GB", "device": "cpu"},
     "eval": {"tasks": "facts_mc,heldout_ppl", "limit": 2, "batch_size": 8},
@@ -81,13 +84,17 @@ def test_dvc_repro_noop_rebuild_and_params_change(tmp_path):
 
     # 1. first repro: every stage downstream of the family
     out1 = run(dvc + ["repro"], repo)
-    assert ran(out1) == {"configs", "merge@soup", "merge@ta", "quant-baseline", "quant@soup", "quant@ta",
-                         "eval-parents", "eval@soup", "eval@ta", "summary"}
+    assert ran(out1) == {"configs", "grams", "merge@soup", "merge@ta", "merge@rm", "quant-baseline", "quant@soup",
+                         "quant@ta", "quant@rm", "eval-parents", "eval@soup", "eval@ta", "eval@rm", "summary"}
     lock1 = (repo / "dvc.lock").read_text()
     digests1 = manifests(repo)
-    assert set(digests1) == {"merges/soup/soup/alloy_manifest.json", "merges/ta/ta/alloy_manifest.json"}
+    assert set(digests1) == {"merges/soup/soup/alloy_manifest.json", "merges/ta/ta/alloy_manifest.json",
+                             "merges/rm/rm/alloy_manifest.json"}
+    rm = json.loads((repo / "merges/rm/rm/alloy_manifest.json").read_text())
+    assert sorted(Path(s["file"]).name for s in rm["side_inputs"]) == ["base.safetensors", "facts.safetensors"]
+    assert set(json.loads((repo / "models/grams/grams.json").read_text())) == {"base", "facts"}
     summary = json.loads((repo / "results" / "summary.json").read_text())
-    assert set(summary["candidates"]) == {"soup", "ta"}
+    assert set(summary["candidates"]) == {"soup", "ta", "rm"}
     assert all(c["quant_passed"] for c in summary["candidates"].values())
     # linear(base, facts) at equal weights and base + 0.5 (facts - base) are the same model
     assert summary["candidates"]["soup"]["heldout_ppl"] == pytest.approx(summary["candidates"]["ta"]["heldout_ppl"], rel=1e-4)

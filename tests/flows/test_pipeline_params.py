@@ -108,3 +108,34 @@ def test_family_members_become_models():
     assert sorted(params.all_models()) == ["base", "facts", "words"]
     assert params.family_dir() == Path("/r/fam")
     assert params.family.builder_kwargs() == {"n_eval": 60, "skills": ["facts", "words"], "specialist_steps": 5}
+
+
+def test_regmean_candidates_get_the_pipelines_gram_files():
+    from alloy.pipeline_params import needed_grams
+
+    data = {"family": {"kind": "tiny", "out": "fam", "skills": ["facts", "words"], "steps": 5},
+            "models": {"other": {"path": "o"}},
+            "candidates": {"rm": {"method": "regmean", "base_model": "base", "models": ["facts", "words"],
+                                  "parameters": {"alpha": 0.9}, "grams": {"examples": 64},
+                                  "grid": {"alpha": [0.5, 0.9]}}}}  # fmt: skip
+    cands = expand_candidates(parse_params(data, root="/r"))
+    assert [c.name for c in cands] == ["rm-alpha0.5", "rm-alpha0.9"]
+    models = {m["model"]: m["parameters"] for m in cands[0].config["models"]}
+    assert models == {"facts": {"gram": "models/grams/facts.safetensors"},
+                      "words": {"gram": "models/grams/words.safetensors"}}
+    assert needed_grams(cands)["words"] == {"file": "models/grams/words.safetensors", "data": "skill:words",
+                                            "examples": 64, "seed": 0}
+    assert cands[0].run_name() == "regmean alpha=0.5"
+    # a model with no skill needs its data named; data of one model must agree across candidates
+    bad = {**data, "candidates": {"rm": {"method": "regmean", "models": ["facts", "other"]}}}
+    with pytest.raises(AlloyError, match=r"candidates.rm.grams.data.other"):
+        expand_candidates(parse_params(bad, root="/r"))
+    two = {**data, "candidates": {
+        "a": {"method": "regmean", "models": ["facts", "words"]},
+        "b": {"method": "regmean", "models": ["facts", "words"], "grams": {"data": {"facts": "f.jsonl"}}}}}
+    with pytest.raises(AlloyError, match="model 'facts'"):
+        expand_candidates(parse_params(two, root="/r"))
+    wrong = {**data, "candidates": {"ta": {"method": "task_arithmetic", "base_model": "base", "models": ["facts"],
+                                           "parameters": {"weight": 1}, "grams": {"examples": 3}}}}
+    with pytest.raises(AlloyError, match="candidates.ta.grams: method 'task_arithmetic' reads no Gram"):
+        expand_candidates(parse_params(wrong, root="/r"))

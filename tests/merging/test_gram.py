@@ -1,0 +1,81 @@
+"""merging.gram and `alloy gram`: Gram matrices of the layer inputs, on the tiny family (real tokenizer, real data)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alloy.cmd_gram import ensure_grams, load_texts
+from merging.errors import InputError
+from merging.gram import compute_grams, read_metadata, write_grams
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _layer_inputs(model_dir: Path, texts: list[str], module: str) -> torch.Tensor:
+    """The inputs one module saw, texts run one at a time (no padding at all): the reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    seen = []
+    handle = model.get_submodule(module).register_forward_pre_hook(lambda m, a: seen.append(a[0][0].double()))
+    with torch.no_grad():
+        for t in texts:
+            model(input_ids=torch.tensor([tok(t)["input_ids"]]))
+    handle.remove()
+    return torch.cat(seen)
+
+
+def test_grams_equal_the_mean_outer_product_of_each_layers_inputs(tiny_family):
+    model = tiny_family.specialists["facts"]
+    texts = [t for t, _ in [("Q: one\nA: two", 0), ("a longer text than the others, to pad the batch", 0), ("x", 0)]]
+    grams, aliases, n = compute_grams(model, texts, batch_size=3)  # padded batch: padding must not count
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj"):
+        x = _layer_inputs(model, texts, module)
+        assert n == x.shape[0]
+        torch.testing.assert_close(grams[module + ".weight"].double(), x.T @ x / n, rtol=1e-4, atol=1e-6)
+    # q/k/v read one tensor, as do gate/up: stored once
+    assert aliases["model.layers.0.self_attn.k_proj.weight"] == "model.layers.0.self_attn.q_proj.weight"
+    assert aliases["model.layers.1.self_attn.v_proj.weight"] == "model.layers.1.self_attn.q_proj.weight"
+    assert aliases["model.layers.1.mlp.up_proj.weight"] == "model.layers.1.mlp.gate_proj.weight"
+    assert "model.layers.1.self_attn.k_proj.weight" not in grams
+    # layers of different depth never alias each other, even with inputs of one shape
+    assert not any(k.split(".")[2] != v.split(".")[2] for k, v in aliases.items())
+
+
+def test_write_ensure_and_the_cli(tiny_family, tmp_path):
+    model = tiny_family.specialists["words"]
+    out = tmp_path / "g.safetensors"
+    res = ensure_grams(model, "skill:words", out, examples=8)
+    assert not res["reused"] and res["tokens"] > 8
+    meta = read_metadata(out)
+    assert meta["data"] == "skill:words examples=8 seed=0" and json.loads(meta["model_files"])
+    assert set(load_file(out)) >= {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    assert ensure_grams(model, "skill:words", out, examples=8)["reused"]
+    assert not ensure_grams(model, "skill:words", out, examples=9)["reused"]  # other data: recomputed
+    with pytest.raises(Exception, match="exists"):
+        write_grams(model, ["x"], out)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"question": 1}\n')
+    p = subprocess.run([sys.executable, "-m", "alloy", "gram", str(model), str(bad), str(tmp_path / "no.safetensors")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode != 0 and "bad.jsonl:2" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_text_sources(tmp_path):
+    (tmp_path / "t.txt").write_text("one\n\ntwo\nthree\n")
+    assert load_texts(str(tmp_path / "t.txt"), 2) == ["one", "two"]
+    (tmp_path / "t.jsonl").write_text('{"prompt": "Q: a\\nA:", "answer": "b"}\n{"text": "c"}\n')
+    assert load_texts(str(tmp_path / "t.jsonl"), 5) == [("Q: a\nA:", " b\n"), "c"]
+    assert load_texts("skill:addition", 3)[0][0].startswith("Q: ")
+    with pytest.raises(InputError, match="no such file"):
+        load_texts(str(tmp_path / "missing.jsonl"), 2)
