@@ -17,6 +17,7 @@ import torch
 
 from merging.config import MergeConfig, load_config
 from merging.errors import ConfigError
+from merging.methods import REGISTRY
 from merging.plan import LAYER_RE, build_plan
 
 
@@ -100,8 +101,11 @@ def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "floa
     probe = config.model_copy(update={"merge_method": "task_arithmetic", "parameters": {"weight": 1.0},
                                       "models": [m.model_copy(update={"parameters": None}) for m in config.models or []] or None})
     plan = build_plan(probe, search_paths=search, dtype=dtype, model_paths=model_paths)
+    # the real plan is only read for densities; a method with side inputs (regmean's Gram files) has none, and its
+    # files may not exist yet when the pipeline inspects
+    spec = REGISTRY.get(config.merge_method)
     real = (build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths)
-            if config.merge_method != "passthrough" else None)
+            if spec is not None and not spec.side_inputs else None)
     density_of = {t.name: t.per_model.get("density") for t in real.tasks} if real else {}
     names = [str(plan.models[m]) for m, _ in plan.tasks[0].inputs] if plan.tasks else []
     overall = _Acc(len(names))

@@ -197,3 +197,11 @@ def test_a_changed_gram_file_is_not_resumed_into(family_fp32, tmp_path):
     before = key()
     _write_grams(grams[1], fam["ft1"], seed=9)
     assert key() != before
+
+
+def test_inspect_takes_a_regmean_config_before_its_gram_files_exist(family_fp32, tmp_path):
+    from merging.inspect import inspect_merge
+
+    cfg = _config(family_fp32, [tmp_path / f"not-yet-{i}.safetensors" for i in range(3)])
+    report = inspect_merge(_cfg_file(tmp_path, cfg))
+    assert len(report["models"]) == 3
