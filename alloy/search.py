@@ -311,8 +311,11 @@ def _model_for(base_dir: Path, device: str):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device).eval()
-        _MODELS[key] = (model, AutoTokenizer.from_pretrained(base_dir))
+        from merging.loading import LOAD_LOCK
+
+        with LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device).eval()
+            _MODELS[key] = (model, AutoTokenizer.from_pretrained(base_dir))
     return _MODELS[key]
 
 

@@ -130,10 +130,14 @@ def _simple_evaluate(lm_eval, model_dir: Path | Any, tasks: list[str], tm, *, li
     if not isinstance(model_dir, Path):  # an lm-eval LM object (evaluate_in_memory): its own batch size and device
         return lm_eval.simple_evaluate(model=model_dir, tasks=tasks, task_manager=tm, limit=limit, log_samples=False,
                                        bootstrap_iters=0)  # fmt: skip
+    from lm_eval.models.huggingface import HFLM
+
+    from merging.loading import LOAD_LOCK
+
+    with LOAD_LOCK:  # lm-eval's "hf" model, built here so that its loading takes its turn (merging.loading)
+        lm = HFLM(pretrained=str(model_dir), dtype="float32", batch_size=batch_size, device=device)
     return lm_eval.simple_evaluate(
-        model="hf",
-        # A dict, not "pretrained=...,dtype=...": a path with a comma would split the string form.
-        model_args={"pretrained": str(model_dir), "dtype": "float32"},
+        model=lm,
         tasks=tasks,
         task_manager=tm,
         limit=limit,

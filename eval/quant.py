@@ -452,9 +452,12 @@ def _quant_targets(model, quantize_embeddings: bool) -> list[tuple[str, torch.nn
 def _load(model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from merging.loading import LOAD_LOCK
+
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+        with LOAD_LOCK:
+            tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         msg = " ".join(str(e).split())[:300]
         raise InputError(f"{model_dir}: cannot load the model with transformers ({msg})") from None

@@ -320,7 +320,9 @@ def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    with _quiet_transformers(), _memoised_tensor_name_map():
+    from merging.loading import LOAD_LOCK
+
+    with LOAD_LOCK, _quiet_transformers(), _memoised_tensor_name_map():
         try:
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -513,6 +515,13 @@ def _version(dist: str, module) -> str:
 
 def _convert(path: Path, out: Path, dtype: str) -> tuple[int, bool, str]:
     """Dequantise into ``out``: weights, config, generation config, tokenizer. Returns (params, tied, class name)."""
+    from merging.loading import LOAD_LOCK
+
+    with LOAD_LOCK:  # loads, then builds a model on the meta device: neither is safe beside another load
+        return _convert_locked(path, out, dtype)
+
+
+def _convert_locked(path: Path, out: Path, dtype: str) -> tuple[int, bool, str]:
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -42,7 +42,9 @@ def compute_grams(model_dir: str | Path, texts: Sequence[str | tuple[str, str]],
         raise InputError(f"{model_dir}: no texts to take the Gram matrices on")
     from merging.gguf import _quiet_transformers
 
-    with _quiet_transformers():
+    from merging.loading import LOAD_LOCK
+
+    with LOAD_LOCK, _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

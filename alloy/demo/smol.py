@@ -61,7 +61,9 @@ def load_model(model_dir: str | Path, dtype: str = "float32"):
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise InputError(f"{model_dir}: not a model folder (no config.json)")
-    with _quiet():
+    from merging.loading import LOAD_LOCK
+
+    with LOAD_LOCK, _quiet():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         tok = AutoTokenizer.from_pretrained(model_dir)
     return model, tok

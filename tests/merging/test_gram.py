@@ -79,3 +79,33 @@ def test_text_sources(tmp_path):
     assert load_texts("skill:addition", 3)[0][0].startswith("Q: ")
     with pytest.raises(InputError, match="no such file"):
         load_texts(str(tmp_path / "missing.jsonl"), 2)
+
+
+def test_loads_in_threads_take_turns_and_leave_transformers_sound(tiny_family, tmp_path):
+    # Unserialised, two threads loading models at once left transformers' loading state changed: a tied model
+    # loaded afterwards came out with an untied lm_head on the meta device (merging.loading).
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from alloy.demo.smol import load_model
+    from eval.quant import _load
+    from tests.merging.family import llama_shapes, tiny_config, write_model
+
+    def work(fn):
+        for _ in range(3):
+            fn()
+
+    jobs = [lambda: load_model(tiny_family.specialists["words"]), lambda: _load(tiny_family.base),
+            lambda: load_model(tiny_family.specialists["facts"])]
+    threads = [threading.Thread(target=work, args=(fn,)) for fn in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cfg = tiny_config(tie=True)
+    g = torch.Generator().manual_seed(0)
+    tied = write_model(tmp_path / "tied", {n: torch.randn(s, generator=g) for n, s in llama_shapes(cfg).items()}, cfg)
+    model = AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
+    assert model.lm_head.weight.device.type == "cpu"
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
