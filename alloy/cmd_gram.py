@@ -58,9 +58,7 @@ def ensure_grams(model_dir: str | Path, data: str, out: str | Path, *, examples:
     Returns {"path", "reused", "seconds", "tokens"}."""
     import time
 
-    from merging.gram import read_metadata
-    from merging.hashing import file_sha256
-    from merging.io import Checkpoint
+    from merging.gram import model_files_digest, read_metadata
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -70,8 +68,7 @@ def ensure_grams(model_dir: str | Path, data: str, out: str | Path, *, examples:
             meta = read_metadata(out)
         except Exception:  # noqa: BLE001 - an unreadable file is recomputed
             meta = {}
-        files = json.dumps({f.name: file_sha256(f) for f in Checkpoint(model_dir).files()}, sort_keys=True)
-        if meta.get("data") == label and meta.get("model_files") == files:
+        if meta.get("data") == label and meta.get("model_files") == model_files_digest(model_dir):
             return {"path": str(out), "reused": True, "seconds": time.perf_counter() - t0, "tokens": int(meta["tokens"])}
     from merging.gram import write_grams
 

@@ -111,10 +111,11 @@ def write_configs(params_path: str, overrides: list[str], out_dir: str) -> list[
 
     import yaml
 
-    from alloy.pipeline_params import expand_candidates, load_params, model_name_of
+    from alloy.pipeline_params import expand_candidates, load_params, model_name_of, needed_grams
 
     params = load_params(params_path, overrides)
     where = _model_locator(params)
+    candidates = expand_candidates(params, source=params_path)
 
     def swap(node):
         if isinstance(node, dict):
@@ -130,7 +131,7 @@ def write_configs(params_path: str, overrides: list[str], out_dir: str) -> list[
     written = []
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for c in expand_candidates(params, source=params_path):
+    for c in candidates:
         f = tmp / c.group / f"{c.name}.yml"
         f.parent.mkdir(parents=True, exist_ok=True)
         cfg = swap(c.config)
@@ -141,9 +142,7 @@ def write_configs(params_path: str, overrides: list[str], out_dir: str) -> list[
     for name, text in _quant_args(params, where).items():
         (tmp / name).write_text(text + "\n")
     # what the grams stage computes: it depends on this file, not on every candidate parameter
-    from alloy.pipeline_params import needed_grams
-
-    needed = needed_grams(expand_candidates(params, source=params_path), params_path)
+    needed = needed_grams(candidates, params_path)
     (tmp / "grams.json").write_text(json.dumps(needed, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

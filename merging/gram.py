@@ -93,29 +93,34 @@ def write_grams(model_dir: str | Path, texts: Sequence[str | tuple[str, str]], o
     """Compute and write `out` (one safetensors file) atomically; returns its metadata."""
     from safetensors.torch import save_file
 
-    from merging.hashing import file_sha256
-    from merging.io import Checkpoint
+    from merging.gguf import _umask
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputError(f"{out} exists (pass --overwrite to replace it)")
-    weights = {f.name: file_sha256(f) for f in Checkpoint(model_dir).files()}
+    weights = model_files_digest(model_dir)
     grams, aliases, n_tokens = compute_grams(model_dir, texts, batch_size=batch_size, max_tokens=max_tokens)
-    meta = {"format": FORMAT, "model": str(model_dir), "model_files": json.dumps(weights, sort_keys=True),
+    meta = {"format": FORMAT, "model": str(model_dir), "model_files": weights,
             "data": data, "texts": str(len(texts)), "tokens": str(n_tokens),
             "alloy.aliases": json.dumps(aliases, sort_keys=True)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         save_file(grams, str(tmp), metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file, as the user's umask makes them
+        os.chmod(tmp, 0o666 & ~_umask())  # an ordinary file, as the user's umask makes them
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"writing {out} failed: {e.strerror or e}") from None
     return meta
+
+
+def model_files_digest(model_dir: str | Path) -> str:
+    """The model's weight files and their sha256 as sorted JSON: what a Gram file records of the model it was taken on."""
+    from merging.hashing import file_sha256
+    from merging.io import Checkpoint
+
+    return json.dumps({f.name: file_sha256(f) for f in Checkpoint(model_dir).files()}, sort_keys=True)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
