@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from statistics import median
 from pathlib import Path
 
 import torch
@@ -109,6 +110,7 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per method; figures are medians (default 3)")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -128,19 +130,34 @@ def main() -> int:
         out_a, out_m = root / f"out-alloy-{name}", root / f"out-mk-{name}"
         for o in (out_a, out_m):
             shutil.rmtree(o, ignore_errors=True)
-        warm(inputs)
-        a_s, a_rss, summary = timed([str(bin_dir / "alloy"), "merge", str(cfg_path), str(out_a), "--shard-size", "1GB"], env)
-        out_bytes = sum(f.stat().st_size for f in out_a.glob("*.safetensors"))
-        floor = floor_seconds(inputs, out_bytes, root / "floor.bin")
-        if args.skip_mergekit:
-            m_s, m_rss = float("nan"), float("nan")
-        else:
+        runs: dict[str, list] = {"alloy": [], "inner": [], "mergekit": [], "floor": []}
+        # rounds of alloy, floor, mergekit: this machine's disk and caches drift by 2x within minutes, so each figure
+        # is the median of --repeat rounds, the three measured side by side in every round
+        for _ in range(args.repeat):
+            for o in (out_a, out_m):
+                shutil.rmtree(o, ignore_errors=True)
             warm(inputs)
-            m_s, m_rss, _ = timed([str(bin_dir / "mergekit-yaml"), str(cfg_path), str(out_m), "--out-shard-size", "500M",
-                                   "--random-seed", "0", "--no-copy-tokenizer", "--quiet"], env)
-        inner = re.search(r", ([0-9.]+) s, [0-9.]+ GB/s", summary)
-        rows.append((name, a_s, a_rss, m_s, m_rss, floor, float(inner.group(1)) if inner else float("nan")))
-        print(f"{name}: alloy {a_s:.1f} s {a_rss:.2f} GB | mergekit {m_s:.1f} s {m_rss:.2f} GB | floor {floor:.1f} s | {summary.strip()}", flush=True)
+            a_s, a_rss, summary = timed([str(bin_dir / "alloy"), "merge", str(cfg_path), str(out_a), "--shard-size",
+                                         "1GB"], env)
+            out_bytes = sum(f.stat().st_size for f in out_a.glob("*.safetensors"))
+            floor = floor_seconds(inputs, out_bytes, root / "floor.bin")
+            if args.skip_mergekit:
+                m_s, m_rss = float("nan"), float("nan")
+            else:
+                warm(inputs)
+                m_s, m_rss, _ = timed([str(bin_dir / "mergekit-yaml"), str(cfg_path), str(out_m), "--out-shard-size",
+                                       "500M", "--random-seed", "0", "--no-copy-tokenizer", "--quiet"], env)
+            inner = re.search(r", ([0-9.]+) s, [0-9.]+ GB/s", summary)
+            runs["alloy"].append((a_s, a_rss))
+            runs["inner"].append(float(inner.group(1)) if inner else float("nan"))
+            runs["mergekit"].append((m_s, m_rss))
+            runs["floor"].append(floor)
+            print(f"{name}: alloy {a_s:.1f} s {a_rss:.2f} GB | mergekit {m_s:.1f} s {m_rss:.2f} GB | floor {floor:.1f} s "
+                  f"| {summary.strip()}", flush=True)
+        a_s, m_s = median([r[0] for r in runs["alloy"]]), median([r[0] for r in runs["mergekit"]])
+        rows.append((name, a_s, max(r[1] for r in runs["alloy"]), m_s, max(r[1] for r in runs["mergekit"]),
+                     median(runs["floor"]), median(runs["inner"]),
+                     f"{min(r[0] for r in runs['alloy']):.1f}-{max(r[0] for r in runs['alloy']):.1f}"))
         for o in (out_a, out_m):
             shutil.rmtree(o, ignore_errors=True)
     lines = [
@@ -149,18 +166,34 @@ def main() -> int:
         "10 layers, vocab 32000, bf16, ~1.3 GB per model, 1 GB shards; page cache warm; `/usr/bin/time -v` per run "
         "(wall seconds include each tool's start-up: importing torch, planning); 'alloy merge s' is alloy's own "
         "figure from planning to the renamed output; the floor reads every input once and writes the output's "
-        f"size with fsync. Load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.", "",
-        "| method | alloy s | alloy merge s | alloy peak RSS GB | mergekit s | mergekit peak RSS GB "
+        f"size with fsync. Each time is the median of {args.repeat} rounds (alloy, floor and mergekit measured side by "
+        "side in each round), peak RSS the largest of them. "
+        f"Load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.", "",
+        "| method | alloy s | alloy s, range | alloy merge s | alloy peak RSS GB | mergekit s | mergekit peak RSS GB "
         "| speed-up (mergekit/alloy) | floor s | alloy/floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, a_s, a_rss, m_s, m_rss, floor, inner in rows:
-        lines.append(f"| {name} | {a_s:.1f} | {inner:.1f} | {a_rss:.2f} | {m_s:.1f} | {m_rss:.2f} | {m_s / a_s:.1f}x "
-                     f"| {floor:.1f} | {a_s / floor:.2f} |")
+    for name, a_s, a_rss, m_s, m_rss, floor, inner, spread in rows:
+        lines.append(f"| {name} | {a_s:.1f} | {spread} | {inner:.1f} | {a_rss:.2f} | {m_s:.1f} | {m_rss:.2f} | "
+                     f"{m_s / a_s:.1f}x | {floor:.1f} | {a_s / floor:.2f} |")
+    commit = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"], capture_output=True,
+                            text=True).stdout.strip()
+    lines.insert(2, f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit[:70]}.\n")
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).write_text(text)
+    Path(args.out).write_text(text + _history(Path(args.out)))
     return 0
+
+
+def _history(out: Path) -> str:
+    """The file's earlier runs, the latest of them first: a run never erases the record of the ones before it."""
+    if not out.exists():
+        return ""
+    old = out.read_text()
+    latest, _, earlier = old.partition("\n## Earlier runs\n")
+    latest = latest.split("\n", 1)[1].strip() if latest.startswith("# ") else latest.strip()
+    body = latest.replace("\n## ", "\n#### ")
+    return "\n## Earlier runs\n\n### " + body.replace("Latest run", "Run", 1) + "\n\n" + earlier.strip() + "\n"
 
 
 if __name__ == "__main__":

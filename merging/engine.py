@@ -87,7 +87,8 @@ def _libc():
         return None
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+M_ARENA_MAX = -8  # glibc's mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
@@ -102,6 +103,13 @@ def one_heap_arena() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_ARENA_MAX, 1)
+        # Tensor-sized blocks from the heap, not from mmap: glibc maps every block above its threshold (128 KB,
+        # raised as blocks are freed, at most 32 MB) afresh and unmaps it on free, so each of a merge's tensor-sized
+        # temporaries was faulted in and zeroed by the kernel again. From the heap, freed blocks are reused and
+        # release_free_memory returns what is free after each tensor. Measured on dare_ties of three 1.3 GB models:
+        # 1.18 M page faults and 7.6 s of system time before, 0.58 M and 4.8 s after; merge 10.8 -> 7.5 s, peak RSS
+        # 1.29 -> 1.39 GB.
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
 
 
 def release_free_memory() -> None:

@@ -26,6 +26,7 @@ from typing import Iterator, Literal
 import torch
 from torch import Tensor
 
+from merging import bitwise as B
 from merging.errors import ConfigError
 
 TieBreak = Literal["index", "torch"]
@@ -173,7 +174,11 @@ def apply_mask(tensor: Tensor, mask: Tensor, rescale: bool) -> Tensor:
     """tensor * mask (a multiply, as mergekit does: negative dropped values become -0.0), L1-rescaled if asked.
 
     `mask` is bool or 0/1 in tensor's dtype; a bool mask multiplies to the same bits without a converted copy."""
-    masked = tensor * (mask if mask.dtype == torch.bool else mask.to(tensor.dtype))
+    masked = None
+    if mask.dtype == torch.bool and B.applies(tensor):  # the same bits without a bool-to-float pass (merging.bitwise)
+        masked = B.mask_multiply(tensor, mask)
+    if masked is None:
+        masked = tensor * (mask if mask.dtype == torch.bool else mask.to(tensor.dtype))
     return l1_rescale(tensor, masked) if rescale else masked
 
 
@@ -218,12 +223,26 @@ def keep_draw(like: Tensor, probs: float | Tensor, generator: torch.Generator | 
         p = probs.to(work) if isinstance(probs, Tensor) else torch.full_like(like, probs, dtype=work)
         return torch.bernoulli(p.expand_as(like), generator=generator).bool()
     n = like.numel()
-    words = torch.empty(-(-n // 4), dtype=torch.int64, device=like.device).random_(generator=generator)
+    if not isinstance(probs, Tensor):
+        # slices of the same stream (random_ fills a tensor in order): each slice's keys stay in cache
+        keep = torch.empty(n, dtype=torch.bool, device=like.device)
+        level = round(float(probs) * _DRAW_LEVELS)
+        for start in range(0, n, _DRAW_CHUNK):
+            m = min(_DRAW_CHUNK, n - start)
+            torch.lt(_draw_keys(m, like.device, generator), level, out=keep[start:start + m])
+        return keep.view(like.shape)
+    keys = _draw_keys(n, like.device, generator).view(like.shape)
+    return keys < (probs.float() * _DRAW_LEVELS).round()
+
+
+_DRAW_CHUNK = 1 << 20  # a multiple of 4: a slice starts on a word boundary
+
+
+def _draw_keys(n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """n 15-bit uniform keys: the 16-bit lanes of n/4 64-bit draws."""
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(generator=generator)
     # random_ fills [0, 2**63): the top bit of every word is 0, so each 16-bit lane keeps its 15 low bits.
-    keys = (words.view(torch.int16)[:n] & (_DRAW_LEVELS - 1)).view(like.shape)
-    if isinstance(probs, Tensor):
-        return keys < (probs.float() * _DRAW_LEVELS).round()
-    return keys < round(float(probs) * _DRAW_LEVELS)
+    return words.view(torch.int16)[:n] & (_DRAW_LEVELS - 1)
 
 
 def dare_drop(delta: Tensor, density: float, *, rescale: bool, generator: torch.Generator | None) -> Tensor:
@@ -312,14 +331,20 @@ def disjoint_merge(weighted: Tensor, weights: Tensor, mask: Tensor | None, *, no
     """
     if mask is None:
         mixed = weighted.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    else:
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        return divide_by_weights(mixed, weights) if normalize else mixed
+    mixed = (weighted * mask).sum(dim=0)
+    divisor = (weights * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
     if normalize:
         mixed /= divisor
+    return mixed
+
+
+def divide_by_weights(mixed: Tensor, weights: Tensor) -> Tensor:
+    """mixed / sum of the weights ([n, 1, ...]), in place; a sum within 1e-8 of zero divides by 1."""
+    divisor = weights.sum(dim=0)
+    divisor[divisor.abs() < 1e-8] = 1
+    mixed /= divisor
     return mixed
 
 

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from merging import bitwise as B
 from merging import primitives as P
 from merging.methods.registry import PerModel, merge_method, model_value
 
@@ -51,6 +52,14 @@ def _sparsified(tensors: list[Tensor], base: Tensor, sparsify: Sparsify | None) 
 
 def _combine_slice(deltas: Tensor, weights: Tensor, *, consensus: str | None, normalize: bool,
                    int8_mask: bool) -> Tensor:
+    if B.applies(deltas):  # the same bits, 5-10x faster on the CPU (merging.bitwise); None: a NaN/inf, or no rule
+        if consensus == "sum":
+            mixed = B.sign_merge(deltas, weights, normalize=normalize)
+            if mixed is not None:
+                return mixed
+        elif consensus is None and (rows := B.weighted_rows(deltas, weights)) is not None:
+            mixed = B.exact_sum(rows)
+            return P.divide_by_weights(mixed, weights) if normalize else mixed
     weighted = deltas * weights
     mask = P.agreement_mask(weighted, consensus, int8=int8_mask) if consensus else None
     return P.disjoint_merge(weighted, weights, mask, normalize=normalize)

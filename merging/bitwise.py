@@ -1,0 +1,126 @@
+"""Exact CPU fast paths for masking and sign-elected merging: the reference primitives' bits, computed on the floats'
+bit patterns.
+
+Why: on the CPU, torch's comparisons, bool-to-float conversions and sums over a stacked dimension run 5-40x slower
+than plain arithmetic. Measured per 1M bf16 elements on one thread (torch 2.13): `x > 0` 0.86 ms, `x * bool_mask`
+1.8 ms, `stack.sum(0)` 1.9 ms, `torch.where` 3.6 ms, against `a + b` 0.20 ms and int16 `^`, `&`, `>>` 0.05 ms.
+TIES' and DARE's combine step is made of the slow kind (merging.primitives follows mergekit op by op).
+
+IEEE floats are sign-magnitude, so on their bits read as integers:
+- `x * mask` (mask 0/1) is x where kept and a zero carrying x's sign where not: `bits & (keep | SIGN)`, keep -1 or 0;
+- "the sign of x differs from the elected sign" is the top bit of `bits ^ elected`;
+- "x is not ±0" is the top bit of `(bits & MAX) + MAX` (the addition wraps).
+These hold for finite values only (inf * 0 is NaN), so every fast path first checks its tensors for an all-ones
+exponent and returns None on NaN or inf: the caller then runs the reference.
+
+`exact_sum` reproduces torch's `stack.sum(0)` (one float32 accumulator per element, models added in order from +0,
+one rounding at the end) with element-wise adds; tests/merging/test_bitwise.py checks every function here against the
+reference bit for bit, signed zeros, subnormals, ties and non-finite inputs included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+_EXP = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
+
+
+def applies(t: Tensor) -> bool:
+    """Whether the fast paths handle this tensor: a CPU tensor of bf16, fp16 or fp32 (the reductions they emulate are
+    the CPU's; other devices and dtypes take the reference)."""
+    return t.device.type == "cpu" and t.dtype in _INT
+
+
+def _consts(dtype: torch.dtype) -> tuple[torch.dtype, int, int, int]:
+    idt = _INT[dtype]
+    bits = 8 * torch.empty((), dtype=dtype).element_size()
+    return idt, bits - 1, -(1 << (bits - 1)), (1 << (bits - 1)) - 1  # int dtype, sign shift, SIGN, MAX
+
+
+CHUNK = 1 << 20  # elements per pass: a chunk's temporaries stay in cache (whole 5632x2048 tensors ran 2.4x slower)
+
+
+def finite(t: Tensor) -> bool:
+    """No NaN or inf in t: no element has an all-ones exponent (an integer max; 3x cheaper than isfinite().all())."""
+    exp = _EXP[t.dtype]
+    flat = t.reshape(-1).view(_INT[t.dtype])
+    return all(int((flat[s:s + CHUNK] & exp).max()) != exp for s in range(0, flat.numel(), CHUNK))
+
+
+def exact_sum(terms: list[Tensor]) -> Tensor:
+    """torch.stack(terms).sum(0), bit for bit (CPU; bf16, fp16 or fp32 terms of one shape), without the stack.
+
+    torch sums a stacked dimension in one float32 accumulator per element, starting from +0 and rounding once; for two
+    half-precision terms that is one rounded add (fp32 add, then round), and +0 turns a -0 result into +0 as the
+    accumulator's start does."""
+    dtype = terms[0].dtype
+    if len(terms) == 2 and dtype != torch.float32:
+        out = torch.add(terms[0], terms[1])
+        out += 0
+        return out
+    acc = terms[0].float() + 0.0
+    for t in terms[1:]:
+        acc += t
+    return acc.to(dtype)
+
+
+def mask_multiply(x: Tensor, keep: Tensor) -> Tensor | None:
+    """x * keep for a bool `keep` of x's shape (as merging.primitives.apply_mask multiplies: dropped elements become
+    zeros with x's sign), or None when x holds NaN or inf."""
+    if not finite(x):
+        return None
+    idt, _, sign, _ = _consts(x.dtype)
+    xs, ks = x.reshape(-1).view(idt), keep.reshape(-1).view(torch.int8)
+    out = torch.empty_like(xs)
+    for s in range(0, xs.numel(), CHUNK):
+        k = ks[s:s + CHUNK].to(idt).neg_().bitwise_or_(sign)  # -1 where kept, SIGN where dropped
+        torch.bitwise_and(xs[s:s + CHUNK], k, out=out[s:s + CHUNK])
+    return out.view(x.dtype).view(x.shape)
+
+
+def weighted_rows(deltas: Tensor, weights: Tensor) -> list[Tensor] | None:
+    """The rows of deltas * weights ([n, L] * [n, 1], both in one dtype), or None for a non-finite weight."""
+    wvals = [float(w) for w in weights.reshape(-1)]
+    if not all(math.isfinite(w) for w in wvals):
+        return None
+    # x * 1 is x exactly: unit weights (TIES' and DARE's default) skip the multiply
+    return [deltas[i] if wvals[i] == 1.0 else deltas[i] * weights[i] for i in range(deltas.shape[0])]
+
+
+def sign_merge(deltas: Tensor, weights: Tensor, *, normalize: bool) -> Tensor | None:
+    """merging.primitives' TIES combine with the 'sum' sign election, bit for bit:
+    `disjoint_merge(W, weights, agreement_mask(W, 'sum'), normalize)` for W = deltas * weights.
+
+    deltas: [n, L] (a view is fine); weights: [n, 1] in deltas' dtype. None when a value is NaN or inf."""
+    dtype = deltas.dtype
+    idt, shift, sign, mx = _consts(dtype)
+    ws = weighted_rows(deltas, weights)
+    if ws is None:
+        return None
+    total = exact_sum(ws)
+    t = total.view(idt)
+    if not finite(total):  # a NaN or inf in any term reaches the total
+        return None
+    # SIGN where the elected sign is -1 (total < 0), 0 where +1; the total is never -0 (exact_sum starts from +0)
+    elected = t & sign
+    kept, votes = [], []
+    for w, wt in zip(ws, weights):
+        x = w.view(idt)
+        differs = (x ^ elected) >> shift  # -1 where x's sign bit is not the elected one
+        # Dropped elements become +0 where the reference's `x * False` leaves a signed zero, and ±0 elements (which
+        # never agree) are kept as they are: the sum below starts from +0, so a zero's sign never reaches the result.
+        kept.append((x & ~differs).view(dtype))
+        if normalize:
+            agrees = (((x & mx) + mx) >> shift) & ~differs  # -1 where x is non-zero with the elected sign
+            votes.append((wt.view(idt) & (agrees | sign)).view(dtype))  # weight * agrees
+    mixed = exact_sum(kept)
+    if normalize:
+        d = exact_sum(votes).view(idt)
+        nonzero = ((d & mx) + mx) >> shift
+        one = torch.ones((), dtype=dtype).view(idt)
+        mixed /= ((d & nonzero) | (one & ~nonzero)).view(dtype)  # a sum of no weights divides by 1
+    return mixed
