@@ -103,13 +103,14 @@ def one_heap_arena() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_ARENA_MAX, 1)
-        # Tensor-sized blocks from the heap, not from mmap: glibc maps every block above its threshold (128 KB,
-        # raised as blocks are freed, at most 32 MB) afresh and unmaps it on free, so each of a merge's tensor-sized
-        # temporaries was faulted in and zeroed by the kernel again. From the heap, freed blocks are reused and
-        # release_free_memory returns what is free after each tensor. Measured on dare_ties of three 1.3 GB models:
-        # 1.18 M page faults and 7.6 s of system time before, 0.58 M and 4.8 s after; merge 10.8 -> 7.5 s, peak RSS
-        # 1.29 -> 1.39 GB.
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+        # Blocks up to 32 MB (a 5632x2048 bf16 tensor is 23 MB) from the heap, not from mmap: glibc maps every block
+        # above its threshold (128 KB, raised as blocks are freed) afresh and unmaps it on free, so each of a merge's
+        # tensor-sized temporaries was faulted in and zeroed by the kernel again; from the heap, freed blocks are
+        # reused and release_free_memory returns what is free after each tensor. Larger blocks (32000-row
+        # embeddings) stay mapped: from the heap they fragmented it, ties peaked at 1.77 GB in one run of three.
+        # Measured (three 1.3 GB models, merge to tmpfs): dare_ties 1.18 M page faults, 7.6 s of system time and
+        # 10.8 s before; 0.70 M, 8.3-9.7 s wall after, peak RSS 1.30 GB; ties 11.1-11.5 s, 1.19 GB.
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
 
 
 def release_free_memory() -> None:
