@@ -333,9 +333,9 @@ def disjoint_merge(weighted: Tensor, weights: Tensor, mask: Tensor | None, *, no
         mixed = weighted.sum(dim=0)
         return divide_by_weights(mixed, weights) if normalize else mixed
     mixed = (weighted * mask).sum(dim=0)
-    divisor = (weights * mask).sum(dim=0)
-    divisor[divisor == 0] = 1
     if normalize:
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
         mixed /= divisor
     return mixed
 

@@ -52,7 +52,7 @@ def _sparsified(tensors: list[Tensor], base: Tensor, sparsify: Sparsify | None) 
 
 def _combine_slice(deltas: Tensor, weights: Tensor, *, consensus: str | None, normalize: bool,
                    int8_mask: bool) -> Tensor:
-    if B.applies(deltas):  # the same bits, 5-10x faster on the CPU (merging.bitwise); None: a NaN/inf, or no rule
+    if B.applies(deltas):  # the same bits, 2.6-5.4x faster on the CPU (merging.bitwise); None: a NaN/inf
         if consensus == "sum":
             mixed = B.sign_merge(deltas, weights, normalize=normalize)
             if mixed is not None:
