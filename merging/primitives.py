@@ -235,7 +235,7 @@ def keep_draw(like: Tensor, probs: float | Tensor, generator: torch.Generator | 
     return keys < (probs.float() * _DRAW_LEVELS).round()
 
 
-_DRAW_CHUNK = 1 << 20  # a multiple of 4: a slice starts on a word boundary
+_DRAW_CHUNK = B.CHUNK  # a multiple of 4: a slice starts on a word boundary
 
 
 def _draw_keys(n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:

@@ -36,7 +36,7 @@ Sparsify = Callable[[Tensor, int], Tensor]  # (delta, model index) -> sparsified
 # Elements per slice of the combine stage. Every step after sparsify is element-wise across models (weights, sign
 # election, disjoint mean, lambda, + base), so slicing the flattened tensors changes no element's arithmetic (the
 # bytes are the same) while the temporaries of each step stay in cache instead of streaming through memory.
-COMBINE_CHUNK = 1 << 20
+COMBINE_CHUNK = B.CHUNK
 
 
 def _sparsified(tensors: list[Tensor], base: Tensor, sparsify: Sparsify | None) -> Tensor:
