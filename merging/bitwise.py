@@ -21,6 +21,7 @@ reference bit for bit, signed zeros, subnormals, ties and non-finite inputs incl
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -78,6 +79,32 @@ def mask_multiply(x: Tensor, keep: Tensor) -> Tensor | None:
         k = ks[s:s + CHUNK].to(idt).neg_().bitwise_or_(sign)  # -1 where kept, SIGN where dropped
         torch.bitwise_and(xs[s:s + CHUNK], k, out=out[s:s + CHUNK])
     return out.view(x.dtype).view(x.shape)
+
+
+def abs_into(x: Tensor, out: Tensor) -> Tensor:
+    """|x| written into `out` (x's dtype and shape): clearing the sign bit is `abs` for every value but NaN, and
+    out-of-place `abs` would fault in and zero a fresh tensor-sized block each call."""
+    idt, _, _, mx = _consts(x.dtype)
+    torch.bitwise_and(x.view(idt), mx, out=out.view(idt))
+    return out
+
+
+def keep_below_(x: Tensor, keys: Callable[[int], Tensor], level: int) -> None:
+    """In place, x * (key < level) as merging.primitives.apply_mask multiplies (dropped elements become zeros with
+    x's sign), for one key per element: `keys(m)` returns the next m int16 keys in [0, 2**15), called slice by slice
+    in order. x: contiguous and finite (merging.checks.all_finite); level in [0, 2**15]."""
+    idt, _, sign, _ = _consts(x.dtype)
+    flat = x.view(-1).view(idt)
+    for s in range(0, flat.numel(), CHUNK):
+        part = flat[s:s + CHUNK]
+        k = keys(part.numel())
+        k -= level  # in [-2**15, 2**15): no wrap
+        k >>= 15  # -1 where key < level, else 0
+        if idt != torch.int16:
+            k = k.to(idt)
+        k |= sign  # where dropped, keep x's sign bit only
+        part &= k
+    return None
 
 
 def weighted_rows(deltas: Tensor, weights: Tensor) -> list[Tensor] | None:

@@ -1,8 +1,11 @@
 """Safetensors in and out, a tensor at a time.
 
-Reading uses positioned reads into fresh buffers rather than mmap: a mapped file counts every touched page in the
-process's RSS, so a merge of two 1 GB models would show >2 GB resident. With pread the resident set is the tensors
-in flight. Writing lays out every shard up front (the plan knows every output shape), writes the header first and
+Reading maps each tensor's own byte range (private, copy-on-write) and lets it go with the tensor: the page cache's
+pages are used in place, neither copied nor preceded by a zeroed buffer, and the resident set stays the tensors in
+flight (a whole-file mapping would count every touched page, >2 GB for a merge of two 1 GB models). Reading three
+1.3 GB models from a warm cache here: 0.06 s of system time mapped, 0.7-1.1 s with positioned reads into fresh
+buffers, which the kernel must zero before the copy. Small tensors are still read (a mapping costs more than the copy).
+Writing lays out every shard up front (the plan knows every output shape), writes the header first and
 then streams tensor bytes in order, so a shard is never held in memory either.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -102,7 +106,38 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, {str(k): str(v) for k, v in metadata.items()}
 
 
+MAP_MIN_BYTES = 1 << 20
+_MADV_POPULATE_READ = 22  # Linux 5.14+: map the range's cached pages now, reading any that are not, in this thread
+
+
+def _map_tensor(info: TensorInfo) -> torch.Tensor | None:
+    """The tensor over a private mapping of its bytes (unmapped when the tensor is freed), or None where the file
+    cannot be mapped or is shorter than the header says (the positioned read then reports it)."""
+    start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    try:
+        fd = os.open(info.file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size < info.end:
+            return None
+        mm = mmap.mmap(fd, info.end - start, offset=start, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    try:
+        # fault the pages in here, in the reading thread, instead of one by one in the thread that computes on them
+        mm.madvise(_MADV_POPULATE_READ)
+    except (OSError, ValueError, AttributeError):
+        pass
+    # frombuffer keeps `mm` alive for as long as the tensor's storage; a write (an in-place op) copies the page
+    return torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.start - start)
+
+
 def read_tensor(info: TensorInfo) -> torch.Tensor:
+    if info.nbytes >= MAP_MIN_BYTES and (mapped := _map_tensor(info)) is not None:
+        return mapped.view(info.dtype).reshape(info.shape)
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     if info.nbytes:
         fd = os.open(info.file, os.O_RDONLY)

@@ -159,7 +159,10 @@ def copy_tokenizer(plan: Plan, out: Path) -> list[str]:
 
 
 def _input_card_facts(plan: Plan) -> tuple[set[str], list[str]]:
-    """Licences and base models declared by the inputs (model-card front matter or alloy_source.json)."""
+    """Licences and base models declared by the inputs (model-card front matter or alloy_source.json).
+
+    Licences are case-folded: the Hub's identifiers are lower case ("apache-2.0"), and an input spelling one
+    "Apache-2.0" declares the same licence, not a second one that would make the merge's "other"."""
     licences: set[str] = set()
     bases: list[str] = []
     for ck in plan.checkpoints:
@@ -168,7 +171,7 @@ def _input_card_facts(plan: Plan) -> tuple[set[str], list[str]]:
         if src := model_file(ck.path, "alloy_source.json"):
             data = _read_json(src)
             if data.get("license"):
-                licences.add(data["license"])
+                licences.add(str(data["license"]).strip().lower())
             if data.get("base_model"):
                 bases.append(data["base_model"])
         if readme := model_file(ck.path, "README.md"):
@@ -180,7 +183,7 @@ def _input_card_facts(plan: Plan) -> tuple[set[str], list[str]]:
                     front = {}
                 if isinstance(front, dict):
                     if front.get("license"):
-                        licences.add(str(front["license"]))
+                        licences.add(str(front["license"]).strip().lower())
                     b = front.get("base_model")
                     bases += [str(x) for x in (b if isinstance(b, list) else [b] if b else [])]
     return licences, list(dict.fromkeys(bases))

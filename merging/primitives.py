@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from merging import bitwise as B
+from merging.checks import all_finite
 from merging.errors import ConfigError
 
 TieBreak = Literal["index", "torch"]
@@ -161,7 +162,10 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
 # ------------------------------------------------------------------------------------------------ prune and drop
 
 
-def l1_rescale(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
+_L1_EPS = 1e-7
+
+
+def l1_rescale(original: Tensor, masked: Tensor, eps: float = _L1_EPS) -> Tensor:
     """Scale `masked` so that its L1 norm equals `original`'s (mergekit's `rescale`); unchanged if either is ~0."""
     before = original.abs().sum()
     after = masked.abs().sum()
@@ -245,14 +249,37 @@ def _draw_keys(n: int, device: torch.device, generator: torch.Generator | None) 
     return words.view(torch.int16)[:n] & (_DRAW_LEVELS - 1)
 
 
-def dare_drop(delta: Tensor, density: float, *, rescale: bool, generator: torch.Generator | None) -> Tensor:
+def dare_drop(delta: Tensor, density: float, *, rescale: bool, generator: torch.Generator | None,
+              inplace: bool = False) -> Tensor:
     """DARE: keep each element independently with probability `density` (`keep_draw`), then optionally L1-rescale
-    (in the sampling dtype, as mergekit)."""
+    (in the sampling dtype, as mergekit).
+
+    inplace=True lets it overwrite `delta` and return it (the same bits): on the CPU the draw, mask and rescale then
+    run over slices of delta without a tensor-sized mask, masked copy or `abs` temporary, each of which the kernel
+    must fault in and zero (merging.bitwise)."""
     if density >= 1:
         return delta
     work = _sampling_dtype(delta)
+    if inplace and work == delta.dtype and _drop_in_place(delta, density, rescale, generator):
+        return delta
     keep = keep_draw(delta, density, generator)
     return apply_mask(delta.to(work), keep, rescale).to(delta.dtype)
+
+
+def _drop_in_place(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> bool:
+    """dare_drop's default rule in place; False, with delta and the generator untouched, where it does not apply
+    (the torch tie-break's bernoulli draw, a device or dtype merging.bitwise does not handle, NaN or inf)."""
+    if current_tie_break() == "torch" or not B.applies(delta) or not delta.is_contiguous() or not all_finite(delta):
+        return False
+    scratch = torch.empty_like(delta) if rescale else None
+    before = B.abs_into(delta, scratch).sum() if rescale else None
+    level = round(float(density) * _DRAW_LEVELS)
+    B.keep_below_(delta, lambda m: _draw_keys(m, delta.device, generator), level)
+    if rescale:
+        after = B.abs_into(delta, scratch).sum()
+        if not (before < _L1_EPS or after < _L1_EPS):  # as l1_rescale
+            delta.mul_(before / after)
+    return True
 
 
 def della_keep_probs(delta: Tensor, density: float, epsilon: float) -> Tensor:

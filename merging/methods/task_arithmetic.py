@@ -46,7 +46,10 @@ def _sparsified(tensors: list[Tensor], base: Tensor, sparsify: Sparsify | None) 
     for i, t in enumerate(tensors):
         torch.sub(t, base, out=deltas[i])
         if sparsify is not None:
-            deltas[i] = sparsify(deltas[i], i)
+            d = deltas[i]
+            kept = sparsify(d, i)
+            if kept.data_ptr() != d.data_ptr():  # not sparsified in place
+                d.copy_(kept)
     return deltas
 
 
@@ -136,7 +139,7 @@ def ties(tensors: list[Tensor], base: Tensor, *, weight: PerModel, density: PerM
 
 def _dare(tensors, base, weight, density, rescale, generator, consensus, normalize, int8_mask, lambda_):
     def drop(d: Tensor, i: int) -> Tensor:
-        return P.dare_drop(d, model_value(density, i), rescale=rescale, generator=generator)
+        return P.dare_drop(d, model_value(density, i), rescale=rescale, generator=generator, inplace=True)
 
     return generalized_task_arithmetic(tensors, base, weight, sparsify=drop, consensus=consensus,
                                        normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)

@@ -61,7 +61,7 @@ def test_flow_on_the_real_base_with_a_few_step_family(tmp_path, monkeypatch):
     config = json.loads((merged / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
     card = (merged / "README.md").read_text()
-    assert "Apache-2.0" in card and "SmolLM2-135M-Instruct" in card
+    assert "license: apache-2.0" in card and "SmolLM2-135M-Instruct" in card
     # registered when its quantisation check passed; blocked (and saying why) when not
     if m["quant.passed"] == 1.0:
         (version,) = c.search_model_versions("name='smol-merge'")

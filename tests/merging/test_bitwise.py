@@ -122,3 +122,31 @@ def test_methods_give_the_same_bits_with_and_without_fast_paths(method, dtype, m
     fast = run()
     monkeypatch.setattr(B, "applies", lambda t: False)
     assert_same_bits(fast, run())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.5, 0.97])
+def test_dare_drop_in_place_equals_reference(dtype, rescale, density, monkeypatch):
+    monkeypatch.setattr(B, "CHUNK", 1000)  # in-place slices unlike the reference draw's: the same key stream
+    delta = awkward((37, 101), dtype, seed=21)
+    ref = P.dare_drop(delta.clone(), density, rescale=rescale, generator=torch.Generator().manual_seed(3))
+    work = delta.clone()
+    out = P.dare_drop(work, density, rescale=rescale, generator=torch.Generator().manual_seed(3), inplace=True)
+    assert_same_bits(out, ref)
+    # bf16 and fp32 are dropped in place; fp16 is drawn and rescaled in fp32 (as mergekit), so it takes the reference
+    assert (out.data_ptr() == work.data_ptr()) == (dtype != torch.float16)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_dare_drop_in_place_hands_non_finite_deltas_to_the_reference(bad):
+    delta = awkward((2000,), torch.bfloat16, seed=22)
+    delta[7] = bad
+    work = delta.clone()
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    out = P.dare_drop(work, 0.5, rescale=True, generator=g1, inplace=True)
+    ref = P.dare_drop(delta, 0.5, rescale=True, generator=g2)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.data_ptr() != work.data_ptr()
+    assert_same_bits(out.nan_to_num(0.0), ref.nan_to_num(0.0))
+    assert_same_bits(work, delta)  # untouched
+    assert torch.equal(g1.get_state(), g2.get_state())  # and no key drawn twice

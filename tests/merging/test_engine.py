@@ -417,3 +417,22 @@ def test_bad_input_met_mid_merge_leaves_nothing_behind(family_fp32, tmp_path):
     with pytest.raises(InputError, match=name):
         run_merge(cfg, tmp_path / "out", progress=False, shard_size=20_000)
     assert listing(tmp_path) == ["bad", "c.yml"]
+
+
+@pytest.mark.parametrize(("declared", "expected"), [
+    (("Apache-2.0", "apache-2.0"), "license: apache-2.0"),  # one licence, two spellings
+    (("apache-2.0", "mit"), "license: other"),
+])
+def test_model_card_licence_is_case_folded(family_fp32, tmp_path, declared, expected):
+    import shutil
+
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    shutil.copytree(family_fp32["base"], base)
+    shutil.copytree(family_fp32["ft0"], ft)
+    (base / "alloy_source.json").write_text(json.dumps({"license": declared[0]}))
+    (ft / "README.md").write_text(f"---\nlicense: {declared[1]}\n---\n# a fine-tune\n")
+    cfg = {"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 0.5}},
+                                                  {"model": str(ft), "parameters": {"weight": 0.5}}]}
+    run_merge(write_cfg(tmp_path, cfg), tmp_path / "out", progress=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert expected in card.split("---")[1]
