@@ -107,6 +107,25 @@ def keep_below_(x: Tensor, keys: Callable[[int], Tensor], level: int) -> None:
     return None
 
 
+def keep_ranked_(x: Tensor, keys: Tensor, thr: int, tied: int) -> None:
+    """In place, x * mask as merging.primitives.apply_mask multiplies, for the mask of merging.primitives'
+    `_first_in_order` (descending): keys above `thr` kept, and the first `tied` keys equal to it by index.
+    keys: x's magnitudes' bit patterns (abs_into), flat; x contiguous and finite."""
+    idt, shift, sign, _ = _consts(x.dtype)
+    flat = x.view(-1).view(idt)
+    for s in range(0, flat.numel(), CHUNK):
+        part, key = flat[s:s + CHUNK], keys[s:s + CHUNK]
+        m = torch.rsub(key, thr)  # thr - key: both in [0, MAX], no wrap
+        m >>= shift  # -1 where key > thr, else 0
+        if tied > 0:
+            first = (key == thr).nonzero().squeeze(1)[:tied]  # in ascending index order
+            m[first] = -1
+            tied -= first.numel()
+        m |= sign
+        part &= m
+    return None
+
+
 def weighted_rows(deltas: Tensor, weights: Tensor) -> list[Tensor] | None:
     """The rows of deltas * weights ([n, L] * [n, 1], both in one dtype), or None for a non-finite weight."""
     wvals = [float(w) for w in weights.reshape(-1)]

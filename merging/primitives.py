@@ -186,13 +186,25 @@ def apply_mask(tensor: Tensor, mask: Tensor, rescale: bool) -> Tensor:
     return l1_rescale(tensor, masked) if rescale else masked
 
 
-def magnitude_prune(delta: Tensor, density: float, *, rescale: bool = False) -> Tensor:
-    """TIES' trim: keep the k = max(1, int(density*n)) largest |delta|, zero the rest."""
+def magnitude_prune(delta: Tensor, density: float, *, rescale: bool = False, inplace: bool = False) -> Tensor:
+    """TIES' trim: keep the k = max(1, int(density*n)) largest |delta|, zero the rest.
+
+    inplace=True lets it overwrite `delta` and return it (the same bits), as dare_drop does."""
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    return apply_mask(delta, magnitude_mask(delta, magnitude_keep_count(density, delta.numel())), rescale)
+    k = magnitude_keep_count(density, delta.numel())
+    if inplace and k < delta.numel() and _in_place_applies(delta):
+        scratch = torch.empty_like(delta)
+        keys = B.abs_into(delta, scratch).view(-1).view(_KEY_DTYPES[delta.dtype])
+        before = scratch.sum() if rescale else None
+        thr, above = _kth_key(keys, k, descending=True)
+        B.keep_ranked_(delta, keys, thr, k - above)
+        if rescale:
+            _rescale_in_place(delta, before, scratch)
+        return delta
+    return apply_mask(delta, magnitude_mask(delta, k), rescale)
 
 
 def breadcrumbs_prune(delta: Tensor, density: float, gamma: float, *, rescale: bool = False) -> Tensor:
@@ -266,19 +278,30 @@ def dare_drop(delta: Tensor, density: float, *, rescale: bool, generator: torch.
     return apply_mask(delta.to(work), keep, rescale).to(delta.dtype)
 
 
+def _in_place_applies(delta: Tensor) -> bool:
+    """Whether the in-place prune/drop paths reproduce the reference here: alloy's tie rule, a tensor that
+    merging.bitwise handles, contiguous and finite."""
+    return current_tie_break() != "torch" and B.applies(delta) and delta.is_contiguous() and all_finite(delta)
+
+
+def _rescale_in_place(masked: Tensor, before: Tensor, scratch: Tensor) -> None:
+    """l1_rescale's arithmetic on `masked` in place; `before` is the L1 norm of the unmasked tensor."""
+    after = B.abs_into(masked, scratch).sum()
+    if not (before < _L1_EPS or after < _L1_EPS):
+        masked.mul_(before / after)
+
+
 def _drop_in_place(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> bool:
     """dare_drop's default rule in place; False, with delta and the generator untouched, where it does not apply
     (the torch tie-break's bernoulli draw, a device or dtype merging.bitwise does not handle, NaN or inf)."""
-    if current_tie_break() == "torch" or not B.applies(delta) or not delta.is_contiguous() or not all_finite(delta):
+    if not _in_place_applies(delta):
         return False
     scratch = torch.empty_like(delta) if rescale else None
     before = B.abs_into(delta, scratch).sum() if rescale else None
     level = round(float(density) * _DRAW_LEVELS)
     B.keep_below_(delta, lambda m: _draw_keys(m, delta.device, generator), level)
     if rescale:
-        after = B.abs_into(delta, scratch).sum()
-        if not (before < _L1_EPS or after < _L1_EPS):  # as l1_rescale
-            delta.mul_(before / after)
+        _rescale_in_place(delta, before, scratch)
     return True
 
 

@@ -131,7 +131,7 @@ def ties(tensors: list[Tensor], base: Tensor, *, weight: PerModel, density: PerM
          consensus_method: str = "sum") -> Tensor:
     """Trim each delta to its top-density magnitudes, elect a sign per element, average the agreeing deltas."""
     def prune(d: Tensor, i: int) -> Tensor:
-        return P.magnitude_prune(d, model_value(density, i), rescale=rescale)
+        return P.magnitude_prune(d, model_value(density, i), rescale=rescale, inplace=True)
 
     return generalized_task_arithmetic(tensors, base, weight, sparsify=prune, consensus=consensus_method,
                                        normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)

@@ -150,3 +150,25 @@ def test_dare_drop_in_place_hands_non_finite_deltas_to_the_reference(bad):
     assert_same_bits(out.nan_to_num(0.0), ref.nan_to_num(0.0))
     assert_same_bits(work, delta)  # untouched
     assert torch.equal(g1.get_state(), g2.get_state())  # and no key drawn twice
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("density", [0.0001, 0.3, 0.5, 0.97])
+def test_magnitude_prune_in_place_equals_reference(dtype, rescale, density, monkeypatch):
+    monkeypatch.setattr(B, "CHUNK", 1000)  # the tied elements kept (first by index) span several slices
+    delta = awkward((37, 101), dtype, seed=23)  # many ties: +-0.25, zeros, subnormals
+    ref = P.magnitude_prune(delta.clone(), density, rescale=rescale)
+    work = delta.clone()
+    out = P.magnitude_prune(work, density, rescale=rescale, inplace=True)
+    assert_same_bits(out, ref)
+    assert out.data_ptr() == work.data_ptr()
+
+
+def test_magnitude_prune_in_place_hands_non_finite_deltas_to_the_reference():
+    delta = awkward((2000,), torch.float32, seed=24)
+    delta[9] = float("inf")
+    work = delta.clone()
+    out = P.magnitude_prune(work, 0.5, rescale=False, inplace=True)
+    assert out.data_ptr() != work.data_ptr() and torch.equal(work, delta)
+    assert_same_bits(out, P.magnitude_prune(delta, 0.5, rescale=False))
