@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from eval.texts import jsonl_rows
 from merging.errors import ConfigError, InputError
 
 
@@ -26,23 +27,18 @@ def load_texts(data: str, n: int, seed: int = 0) -> list[str | tuple[str, str]]:
     if not path.is_file():
         raise InputError(f"{data}: no such file (give a .jsonl or text file, or skill:NAME)")
     out: list[str | tuple[str, str]] = []
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    for i, line in enumerate(lines):
-        if path.suffix != ".jsonl":
-            out.append(line)
-        else:
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise InputError(f"{path}:{i + 1}: not JSON ({e})") from None
+    if path.suffix != ".jsonl":
+        out += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()][:n]
+    else:
+        for i, row in jsonl_rows(path):
             if isinstance(row, dict) and isinstance(row.get("text"), str):
                 out.append(row["text"])
             elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("answer"), str):
                 out.append((row["prompt"], " " + row["answer"] + "\n"))
             else:
-                raise InputError(f"{path}:{i + 1}: a row needs a string 'text', or 'prompt' and 'answer'")
-        if len(out) == n:
-            break
+                raise InputError(f"{path}:{i}: a row needs a string 'text', or 'prompt' and 'answer'")
+            if len(out) == n:
+                break
     if not out:
         raise InputError(f"{path}: no texts")
     return out

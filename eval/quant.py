@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from eval.texts import jsonl_rows
 from merging.errors import ConfigError, InputError
 from merging.io import Checkpoint
 
@@ -199,13 +200,7 @@ def read_texts(paths: list[str | Path]) -> list[str]:
         if not p.is_file():
             raise InputError(f"held-out text {p}: no such file")
         if p.suffix == ".jsonl":
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{p}:{i}: invalid JSON ({e.msg})") from None
+            for _, row in jsonl_rows(p):
                 if isinstance(row, dict):
                     text = row.get("text") or " ".join(str(v) for v in row.values() if isinstance(v, str))
                 else:

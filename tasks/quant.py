@@ -18,21 +18,6 @@ from prefect.cache_policies import NO_CACHE
 HEADLINE = ("int8_kl", "int4_kl", "int8_top1", "int4_top1", "int4_ppl_ratio", "max_scale_ratio", "max_outlier_ratio")
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """Held-out documents, read as `alloy quant-check --text` reads them (so the flow and dvc.yaml measure the
-    same thing): a .jsonl file gives one document per line (its "text" field), any other file is one document."""
-    path = Path(path)
-    if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out.append(row.get("text") or " ".join(str(v) for v in row.values() if isinstance(v, str))
-                       if isinstance(row, dict) else str(row))  # fmt: skip
-    return out
-
-
 def _key(model_digest: str, texts: list[str], thresholds: dict, max_tokens: int, baseline: dict | None) -> str:
     base = (baseline or {}).get("metrics")
     blob = json.dumps([model_digest, texts, thresholds, max_tokens, base], sort_keys=True)
@@ -44,9 +29,9 @@ def check_model(model_dir: str | Path, texts_file: str | Path, thresholds: dict 
                 baseline: dict | None = None) -> dict:
     """QuantReport.to_dict() plus `cached`; cached in `cache_file` when the model digest is known.
     `baseline`: another model's report on the same texts (the merge's base): adds the *_vs_baseline checks."""
-    from eval.quant import quant_check
+    from eval.quant import quant_check, read_texts
 
-    texts = read_texts(texts_file)
+    texts = read_texts([texts_file])  # as `alloy quant-check --text` reads it: the flow and dvc.yaml measure the same
     key = _key(model_digest, texts, thresholds or {}, max_tokens, baseline) if model_digest else None
     if cache_file and key:
         try:

@@ -31,6 +31,7 @@ import json
 import random
 from pathlib import Path
 
+from eval.texts import jsonl_rows
 from merging.errors import ConfigError
 
 SKILLS: tuple[str, ...] = ("facts", "words", "addition")
@@ -232,7 +233,7 @@ def write_tune_data(out_dir: str | Path, heldout_dir: str | Path | None = None, 
     for skill in SKILLS:
         f = src / f"{skill}.jsonl"
         try:
-            heldout = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            heldout = [row for _, row in jsonl_rows(f)]
         except FileNotFoundError:
             raise ConfigError(f"{f}: no held-out file to keep the tune split apart from") from None
         rows = make_tune_examples(skill, heldout, n, seed=seed)
