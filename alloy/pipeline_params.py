@@ -233,6 +233,7 @@ class SearchSpec(_Strict):
     storage: Optional[str] = None  # Optuna storage URL; default: sqlite optuna.db beside the MLflow sqlite store
     parallelism: int = Field(default=2, ge=1)  # trials per batch, run side by side through the task runner
     register_best: bool = False  # send the best recipe through merge -> quant-check -> evaluate -> register
+    grams: Optional[GramSpec] = None  # for methods that read Gram matrices (regmean): what they are taken on
 
     @field_validator("ranges")
     @classmethod
@@ -596,6 +597,18 @@ def gram_file(params: Params, model: str) -> str:
     return f"{Path(params.paths.models).as_posix()}/grams/{model}.safetensors"
 
 
+def gram_spec(params: Params, name: str, g: GramSpec, where: str) -> dict[str, Any]:
+    """Model `name`'s Gram file (gram_file) and what it is taken on: grams.data, else the model's own skill."""
+    known = params.all_models()
+    data = g.data.get(name) or (f"skill:{known[name].skill}" if name in known and known[name].skill else None)
+    if data is None:
+        raise ConfigError(f"{where}.grams.data.{name}: say what model {name!r}'s Gram matrices are taken on "
+                          "(a .jsonl or text file, or skill:NAME)")
+    if not data.startswith("skill:"):
+        data = str(params.path(data))
+    return {"file": gram_file(params, name), "data": data, "examples": g.examples, "seed": g.seed}
+
+
 def _plan_grams(params: Params, c: CandidateSpec, cfg: dict, where: str) -> dict[str, dict[str, Any]]:
     """For a method with Gram side inputs: each model without an explicit `gram` file gets the pipeline's, and
     what to compute it on (grams.data, a specialist's own skill by default)."""
@@ -607,20 +620,13 @@ def _plan_grams(params: Params, c: CandidateSpec, cfg: dict, where: str) -> dict
             raise ConfigError(f"{where}.grams: method {cfg.get('merge_method')!r} reads no Gram matrices")
         return {}
     g = c.grams or GramSpec()
-    known = params.all_models()
     out: dict[str, dict[str, Any]] = {}
     for m in cfg.get("models") or []:
         if "gram" in (m.get("parameters") or {}):
             continue  # a file the user made (alloy gram)
         name = _model_name(m["model"])
-        data = g.data.get(name) or (f"skill:{known[name].skill}" if name in known and known[name].skill else None)
-        if data is None:
-            raise ConfigError(f"{where}.grams.data.{name}: say what model {name!r}'s Gram matrices are taken on "
-                              "(a .jsonl or text file, or skill:NAME)")
-        if not data.startswith("skill:"):
-            data = str(params.path(data))
-        m.setdefault("parameters", {})["gram"] = gram_file(params, name)
-        out[name] = {"file": gram_file(params, name), "data": data, "examples": g.examples, "seed": g.seed}
+        out[name] = gram_spec(params, name, g, where)
+        m.setdefault("parameters", {})["gram"] = out[name]["file"]
     unknown = sorted(set(g.data) - {_model_name(m["model"]) for m in cfg.get("models") or []})
     if unknown:
         raise ConfigError(f"{where}.grams.data.{unknown[0]}: not one of this candidate's models")

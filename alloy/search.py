@@ -20,13 +20,13 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from alloy.pipeline_params import Params, SearchSpec, model_name_of, primary_scores
+from alloy.pipeline_params import GramSpec, Params, SearchSpec, gram_spec, model_name_of, primary_scores
 from merging.errors import ConfigError, InputError
 
 # Parameters a method declares but does not use: searching them would only add noise dimensions.
@@ -46,6 +46,7 @@ class Space:
     parameters: dict[str, Any]  # fixed values, for the methods that take them
     layer_groups: int = 1
     gradient: tuple[str, ...] = ()
+    grams: dict[str, str] = field(default_factory=dict)  # {model: Gram file} when a method reads them (regmean)
 
 
 def spec_of(params: Params) -> SearchSpec:
@@ -63,9 +64,28 @@ def space_of(params: Params) -> Space:
         raise ConfigError("search.models: no models to merge (list them, or define models with a skill)")
     if spec.base_model in models:
         raise ConfigError(f"search.models: {spec.base_model!r} is the base model")
+    grams = {m: str(params.path(g["file"])) for m, g in gram_specs(params, models).items()}
     return Space(methods=tuple(spec.methods), base=spec.base_model, models=tuple(models), ranges=dict(spec.ranges),
                  parameters=dict(spec.parameters), layer_groups=spec.layer_groups,
-                 gradient=tuple(spec.gradient) if spec.layer_groups > 1 else ())  # fmt: skip
+                 gradient=tuple(spec.gradient) if spec.layer_groups > 1 else (), grams=grams)  # fmt: skip
+
+
+def gram_specs(params: Params, models: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{model: Gram spec (alloy.pipeline_params.gram_spec)} for the searched models when one of the methods reads
+    Gram matrices (regmean), else {}. The files are the pipeline's own (one per model), so the two share them."""
+    from merging.methods import REGISTRY
+
+    spec = spec_of(params)
+    models = models if models is not None else list(space_of(params).models)
+    if not any("gram" in REGISTRY[m].side_inputs for m in spec.methods):
+        if spec.grams is not None:
+            raise ConfigError(f"search.grams: none of the methods ({', '.join(spec.methods)}) reads Gram matrices")
+        return {}
+    g = spec.grams or GramSpec()
+    unknown = sorted(set(g.data) - set(models))
+    if unknown:
+        raise ConfigError(f"search.grams.data.{unknown[0]}: not one of the searched models ({', '.join(models)})")
+    return {m: gram_spec(params, m, g, "search") for m in models}
 
 
 def objective_weights(params: Params) -> dict[str, float]:
@@ -138,6 +158,9 @@ def suggest_config(trial: Any, space: Space) -> dict:
         if per:
             entry["parameters"] = per
         models.append(entry)
+    if "gram" in spec.side_inputs:  # each model's Gram file, by absolute path: the recipe merges from anywhere
+        for entry in models:
+            entry.setdefault("parameters", {})["gram"] = space.grams[entry["model"]]
     if method in ("della", "della_linear") and "epsilon" not in space.ranges and "epsilon" not in space.parameters:
         for entry in models:
             d = (entry.get("parameters") or {}).get("density")
@@ -192,6 +215,7 @@ def study_name(params: Params, inputs: dict[str, str] | None = None) -> str:
                   "parameters": space.parameters, "layer_groups": space.layer_groups, "gradient": space.gradient},
         "objective": objective_weights(params),
         **({"aggregate": spec.aggregate} if spec.aggregate != "mean" else {}),  # old studies keep their names
+        **({"grams": gram_specs(params, list(space.models))} if space.grams else {}),
         "tune": [spec.tune_split, spec.limit],
         "seeds": [spec.seed, spec.startup_trials, params.merge.seed],
         "models": {n: known[n].model_dump(exclude_none=True) for n in (space.base, *space.models)},

@@ -28,6 +28,7 @@ from flows.pipeline import _outcome, task_runner
 from merging.errors import ConfigError
 from tasks.download import download
 from tasks.family import demo_family
+from tasks.gram import gram
 from tasks.search import search_trial
 
 PROMOTED = "search-best"
@@ -111,6 +112,9 @@ def merge_search(params_path: str = "params.yaml", overrides: list[str] | None =
     # the inputs first: their content is part of the study's identity
     models, family = _resolve_models(params, [space.base, *space.models])
     paths = {n: m["path"] for n, m in models.items()}
+    # RegMean's Gram matrices, each model's once, before any trial reads them (the pipeline's files: shared)
+    for fut in [gram.submit(m, models[m], g, str(params.root)) for m, g in S.gram_specs(params).items()]:
+        fut.result()
     data = params.path(params.eval.data_dir) if params.eval.data_dir else (
         Path(family["data_dir"]) if family else None)  # fmt: skip
     if data is None:

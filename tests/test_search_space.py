@@ -180,3 +180,45 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
     assert "search.methods: 'tie' is not a merge method" in capsys.readouterr().err
     assert main(["search", "--params", str(params), "--trials", "0"]) == 2
     assert capsys.readouterr().err.strip() == "alloy: error: --trials 0: must be at least 1"
+
+
+def test_regmean_trials_read_each_models_gram_file(tmp_path) -> None:
+    p = _params(tmp_path, methods=["ties", "regmean"], ranges={"weight": [0.5, 1.0], "alpha": [0.1, 0.9]})
+    space = S.space_of(p)
+    files = {m: str((tmp_path / "models" / "grams" / f"{m}.safetensors").resolve()) for m in ("a", "b")}
+    assert space.grams == files  # the pipeline's files (alloy.pipeline_params.gram_file), by absolute path
+    specs = S.gram_specs(p)
+    assert {m: g["data"] for m, g in specs.items()} == {"a": "skill:facts", "b": "skill:words"}
+
+    rm = S.suggest_config(_fixed({"method": "regmean", "alpha": 0.3, "a.weight": 0.6, "b.weight": 0.9}), space)
+    assert rm["models"][0] == {"model": "a", "parameters": {"weight": 0.6, "gram": files["a"]}}
+    assert rm["parameters"] == {"alpha": 0.3}
+    assert S.describe(rm) == "alpha 0.3 · weight 0.6/0.9"  # the paths stay out of the one-liner
+    parse_config(rm)
+    ties = S.suggest_config(_fixed({"method": "ties", "lambda": 1.0, "a.weight": 0.6, "b.weight": 0.9,
+                                    "a.density": 0.5, "b.density": 0.5}), space)  # fmt: skip
+    assert all("gram" not in m["parameters"] for m in ties["models"])
+
+    # what the Grams are taken on is part of the study; a search without regmean has no Grams
+    other = _params(tmp_path, methods=["ties", "regmean"], ranges={"weight": [0.5, 1.0], "alpha": [0.1, 0.9]},
+                    grams={"data": {"a": "skill:addition"}})  # fmt: skip
+    assert S.study_name(other) != S.study_name(p)
+    assert S.space_of(_params(tmp_path)).grams == {} and S.gram_specs(_params(tmp_path)) == {}
+
+
+@pytest.mark.parametrize(("search", "match"), [
+    ({"grams": {"examples": 8}}, r"search\.grams: none of the methods \(task_arithmetic, ties, dare_ties, dare_linear\) reads"),
+    ({"methods": ["regmean"], "ranges": {"weight": [0.5, 1]}, "grams": {"data": {"zz": "skill:facts"}}}, r"search\.grams\.data\.zz: not one of the searched"),
+])  # fmt: skip
+def test_search_grams_errors_name_the_key(tmp_path, search, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        S.space_of(_params(tmp_path, **search))
+
+
+def test_regmean_search_needs_to_know_what_a_skill_less_model_is_taken_on(tmp_path) -> None:
+    data = {"name": "t", "models": {"base": {"path": str(tmp_path)}, "a": {"path": str(tmp_path)}},
+            "candidates": [{"name": "ta", "method": "task_arithmetic", "base_model": "base", "models": ["a"]}],
+            "search": {"methods": ["regmean"], "models": ["a"], "ranges": {"weight": [0.5, 1.0]}}}  # fmt: skip
+    p = parse_params(data, root=tmp_path, source="params.yaml")
+    with pytest.raises(ConfigError, match=r"search\.grams\.data\.a: say what model 'a'"):
+        S.space_of(p)

@@ -115,3 +115,33 @@ def test_search_end_to_end_resume_and_promote(tmp_path, tiny_family) -> None:
     held = {t: promoted["metrics"][t] for t in ("facts_em", "words_em")}
     assert sum(held.values()) / 2 == pytest.approx(trial_scores["heldout"], abs=1e-9)
     assert promoted["registration"]["registered"] is True
+
+
+def test_regmean_search_takes_each_models_grams_and_its_recipe_reads_them(tmp_path, tiny_family) -> None:
+    import torch
+
+    from flows.search import run_search
+    from merging.config import parse_config
+    from merging.engine import merge_to_state_dict
+
+    params_file = write_params(tmp_path, tiny_family)
+    params = yaml.safe_load(params_file.read_text())
+    params["search"] = {"trials": 2, "methods": ["regmean"], "ranges": {"weight": [0.5, 1.0], "alpha": [0.1, 0.9]},
+                        "grams": {"examples": 8}, "limit": LIMIT, "heldout": False, "startup_trials": 2,
+                        "parallelism": 2}  # fmt: skip
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run_search(params_file)
+    assert out["ran"] == [0, 1] and all(r["state"] == "COMPLETE" for r in out["trials"])
+    grams = {m: tmp_path / "models" / "grams" / f"{m}.safetensors" for m in ("facts", "words")}
+    assert all(f.is_file() for f in grams.values())
+
+    recipe = yaml.safe_load(Path(out["best"]["recipe"]).read_text())
+    assert recipe["merge_method"] == "regmean"
+    assert [m["parameters"]["gram"] for m in recipe["models"]] == [str(grams["facts"]), str(grams["words"])]
+    # the Grams are what makes it RegMean: its linear layers are not the weighted average of the same weights
+    with_grams = merge_to_state_dict(parse_config(recipe, "recipe"), seed=0).state_dict
+    linear = {"merge_method": "linear", "models": [{"model": m["model"], "parameters": {"weight": m["parameters"]["weight"]}}
+                                                   for m in recipe["models"]]}  # fmt: skip
+    plain = merge_to_state_dict(parse_config(linear, "linear"), seed=0).state_dict
+    name = next(n for n in with_grams if n.endswith("q_proj.weight"))
+    assert not torch.allclose(with_grams[name].float(), plain[name].float(), atol=1e-3)
