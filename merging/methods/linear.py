@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from merging import bitwise as B
 from merging.errors import ConfigError
 from merging.methods.registry import PerModel, merge_method, model_values
 
@@ -27,9 +28,23 @@ def linear(tensors: list[Tensor], *, weight: PerModel, normalize: bool = True) -
         total = w.sum()
         if total == 0:
             raise ConfigError(f"linear: weights {list(weight)} sum to 0 with normalize: true")
-    out = torch.zeros_like(first, dtype=dtype)
+    if first.dtype == dtype or first.device.type != "cpu" or \
+            not all(t.is_contiguous() and t.dtype == first.dtype for t in tensors):
+        return _weighted_sum(tensors, w, total if normalize else None).to(first.dtype)
+    # Half-precision inputs: the fp32 sum a slice at a time, each slice's accumulator staying in cache, instead of a
+    # tensor-sized fp32 block the kernel must fault in and zero, streamed through five times. Each element's
+    # arithmetic is the same ops in the same order, so the bits are too (tests/merging/test_methods_interpolation.py).
+    out = torch.empty_like(first)
+    flat = [t.view(-1) for t in tensors]
+    for s in range(0, first.numel(), B.CHUNK):
+        out.view(-1)[s:s + B.CHUNK] = _weighted_sum([f[s:s + B.CHUNK] for f in flat], w, total if normalize else None)
+    return out
+
+
+def _weighted_sum(tensors: list[Tensor], w: Tensor, total: Tensor | None) -> Tensor:
+    out = torch.zeros_like(tensors[0], dtype=w.dtype)
     for t, coefficient in zip(tensors, w):
         out.addcmul_(t, coefficient)
-    if normalize:
+    if total is not None:
         out.div_(total)
-    return out.to(first.dtype)
+    return out

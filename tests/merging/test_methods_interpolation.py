@@ -40,6 +40,18 @@ def test_linear_matches_mergekit(dtype, normalize):
     assert same_bits(out, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_over_several_slices_matches_mergekit(dtype, normalize, monkeypatch):
+    from merging import bitwise as B
+
+    monkeypatch.setattr(B, "CHUNK", 1000)  # half-precision inputs are summed a slice at a time: a ragged last one
+    tensors = [randn((37, 101), s, dtype) * torch.exp2(torch.randint(-20, 5, (37, 101))).to(dtype) for s in range(3)]
+    w = [0.2, 0.5, 0.7]
+    ref = merge_tensors(tensors, "linear", parameters={"weight": w, "normalize": normalize})
+    assert same_bits(REGISTRY["linear"].call(tensors, None, {"weight": w}, {"normalize": normalize}), ref)
+
+
 def test_linear_is_the_weighted_mean_and_rejects_zero_total():
     a, b = torch.full((3,), 1.0), torch.full((3,), 4.0)
     assert REGISTRY["linear"].call([a, b], None, {"weight": [1.0, 2.0]}, {}).tolist() == [3.0] * 3
