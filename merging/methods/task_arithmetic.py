@@ -77,16 +77,30 @@ def combine_deltas(tensors: list[Tensor], base: Tensor, weight: list[float], *, 
 
 
 def _combine(tensors, base, weight, *, sparsify, consensus, normalize, int8_mask, lambda_: float | None) -> Tensor:
-    """combine_deltas, then (lambda_ not None) base + lambda_ * that, over slices of COMBINE_CHUNK elements."""
-    deltas = _sparsified(tensors, base, sparsify)
+    """combine_deltas, then (lambda_ not None) base + lambda_ * that, over slices of COMBINE_CHUNK elements.
+
+    Without sparsification (a threshold or rescale needs the whole delta) the deltas too are taken a slice at a
+    time, into one slice-sized buffer: no [n, *shape] block to fault in, and the same subtraction per element."""
     n = len(tensors)
-    flat = deltas.view(n, -1)
-    weights = P.stacked_weights(weight, flat)  # [n, 1]
     fbase = base.reshape(-1)
+    whole = sparsify is not None or not all(t.is_contiguous() for t in tensors)
+    if whole:
+        flat = _sparsified(tensors, base, sparsify).view(n, -1)
+    else:
+        flat = base.new_empty((n, min(COMBINE_CHUNK, fbase.numel())))
+        inputs = [t.view(-1) for t in tensors]
+    weights = P.stacked_weights(weight, flat)  # [n, 1]
     out = torch.empty_like(fbase)
     for start in range(0, max(fbase.numel(), 1), COMBINE_CHUNK):
         sl = slice(start, start + COMBINE_CHUNK)
-        mixed = _combine_slice(flat[:, sl], weights, consensus=consensus, normalize=normalize, int8_mask=int8_mask)
+        if whole:
+            deltas = flat[:, sl]
+        else:
+            m = min(COMBINE_CHUNK, fbase.numel() - start)
+            deltas = flat[:, :m]
+            for i, t in enumerate(inputs):
+                torch.sub(t[sl], fbase[sl], out=deltas[i])
+        mixed = _combine_slice(deltas, weights, consensus=consensus, normalize=normalize, int8_mask=int8_mask)
         if lambda_ is None:
             out[sl] = mixed
             continue
