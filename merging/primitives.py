@@ -195,14 +195,7 @@ def magnitude_prune(delta: Tensor, density: float, *, rescale: bool = False, inp
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = magnitude_keep_count(density, delta.numel())
-    if inplace and k < delta.numel() and _in_place_applies(delta):
-        scratch = torch.empty_like(delta)
-        keys = B.abs_into(delta, scratch).view(-1).view(_KEY_DTYPES[delta.dtype])
-        before = scratch.sum() if rescale else None
-        thr, above = _kth_key(keys, k, descending=True)
-        B.keep_ranked_(delta, keys, thr, k - above)
-        if rescale:
-            _rescale_in_place(delta, before, scratch)
+    if inplace and k < delta.numel() and _prune_in_place(delta, k, rescale):
         return delta
     return apply_mask(delta, magnitude_mask(delta, k), rescale)
 
@@ -242,13 +235,18 @@ def keep_draw(like: Tensor, probs: float | Tensor, generator: torch.Generator | 
     if not isinstance(probs, Tensor):
         # slices of the same stream (random_ fills a tensor in order): each slice's keys stay in cache
         keep = torch.empty(n, dtype=torch.bool, device=like.device)
-        level = round(float(probs) * _DRAW_LEVELS)
+        level = _draw_level(probs)
         for start in range(0, n, _DRAW_CHUNK):
             m = min(_DRAW_CHUNK, n - start)
             torch.lt(_draw_keys(m, like.device, generator), level, out=keep[start:start + m])
         return keep.view(like.shape)
     keys = _draw_keys(n, like.device, generator).view(like.shape)
     return keys < (probs.float() * _DRAW_LEVELS).round()
+
+
+def _draw_level(p: float) -> int:
+    """Keys below this are kept: p quantised to 1/2**15."""
+    return round(float(p) * _DRAW_LEVELS)
 
 
 _DRAW_CHUNK = B.CHUNK  # a multiple of 4: a slice starts on a word boundary
@@ -291,6 +289,21 @@ def _rescale_in_place(masked: Tensor, before: Tensor, scratch: Tensor) -> None:
         masked.mul_(before / after)
 
 
+def _prune_in_place(delta: Tensor, k: int, rescale: bool) -> bool:
+    """magnitude_prune's default rule in place (the k-th magnitude from the histogram of its bit patterns, then the
+    first tied elements by index); False, with delta untouched, where it does not apply (as _drop_in_place)."""
+    if not _in_place_applies(delta):
+        return False
+    scratch = torch.empty_like(delta)
+    keys = B.abs_into(delta, scratch).view(-1).view(_KEY_DTYPES[delta.dtype])
+    before = scratch.sum() if rescale else None
+    thr, above = _kth_key(keys, k, descending=True)
+    B.keep_ranked_(delta, keys, thr, k - above)
+    if rescale:
+        _rescale_in_place(delta, before, scratch)
+    return True
+
+
 def _drop_in_place(delta: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> bool:
     """dare_drop's default rule in place; False, with delta and the generator untouched, where it does not apply
     (the torch tie-break's bernoulli draw, a device or dtype merging.bitwise does not handle, NaN or inf)."""
@@ -298,8 +311,7 @@ def _drop_in_place(delta: Tensor, density: float, rescale: bool, generator: torc
         return False
     scratch = torch.empty_like(delta) if rescale else None
     before = B.abs_into(delta, scratch).sum() if rescale else None
-    level = round(float(density) * _DRAW_LEVELS)
-    B.keep_below_(delta, lambda m: _draw_keys(m, delta.device, generator), level)
+    B.keep_below_(delta, lambda m: _draw_keys(m, delta.device, generator), _draw_level(density))
     if rescale:
         _rescale_in_place(delta, before, scratch)
     return True
