@@ -70,6 +70,11 @@ def test_write_ensure_and_the_cli(tiny_family, tmp_path):
     assert p.returncode != 0 and "bad.jsonl:2" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "no.safetensors").exists()
 
+    # a command that loads a transformers model (which imports triton) ends quietly: no nanobind leak report
+    p = subprocess.run([sys.executable, "-m", "alloy", "gram", str(model), "skill:words", str(tmp_path / "c.safetensors"),
+                        "--examples", "4"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert p.returncode == 0 and "nanobind" not in p.stderr, p.stderr[-2000:]
+
 
 def test_text_sources(tmp_path):
     (tmp_path / "t.txt").write_text("one\n\ntwo\nthree\n")
