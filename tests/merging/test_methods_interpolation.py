@@ -76,8 +76,9 @@ def test_slerp_matches_mergekit(dtype, t):
     assert same_bits(out, ref)
 
 
-def test_slerp_over_several_chunks_matches_mergekit():
-    base, other = randn((3, 700_000), 1), randn((3, 700_000), 2)  # 2.1 M elements: three 1 Mi chunks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slerp_over_several_chunks_matches_mergekit(dtype):
+    base, other = randn((3, 700_000), 1, dtype), randn((3, 700_000), 2, dtype)  # 2.1 M elements: three 1 Mi chunks
     out, ref = slerp_pair("slerp", base, other, 0.4)
     assert same_bits(out, ref)
 
