@@ -42,7 +42,6 @@ On a loaded 2-core machine torch runs far faster with ``torch.set_num_threads(1)
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import statistics

@@ -24,20 +24,19 @@ def linear(tensors: list[Tensor], *, weight: PerModel, normalize: bool = True) -
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     weight = model_values(weight, len(tensors))
     w = torch.tensor(weight, dtype=dtype, device=first.device)
-    if normalize:
-        total = w.sum()
-        if total == 0:
-            raise ConfigError(f"linear: weights {list(weight)} sum to 0 with normalize: true")
+    divisor = w.sum() if normalize else None
+    if divisor is not None and divisor == 0:
+        raise ConfigError(f"linear: weights {list(weight)} sum to 0 with normalize: true")
     if first.dtype == dtype or first.device.type != "cpu" or \
             not all(t.is_contiguous() and t.dtype == first.dtype for t in tensors):
-        return _weighted_sum(tensors, w, total if normalize else None).to(first.dtype)
+        return _weighted_sum(tensors, w, divisor).to(first.dtype)
     # Half-precision inputs: the fp32 sum a slice at a time, each slice's accumulator staying in cache, instead of a
     # tensor-sized fp32 block the kernel must fault in and zero, streamed through five times. Each element's
     # arithmetic is the same ops in the same order, so the bits are too (tests/merging/test_methods_interpolation.py).
     out = torch.empty_like(first)
     flat = [t.view(-1) for t in tensors]
     for s in range(0, first.numel(), B.CHUNK):
-        out.view(-1)[s:s + B.CHUNK] = _weighted_sum([f[s:s + B.CHUNK] for f in flat], w, total if normalize else None)
+        out.view(-1)[s:s + B.CHUNK] = _weighted_sum([f[s:s + B.CHUNK] for f in flat], w, divisor)
     return out
 
 
