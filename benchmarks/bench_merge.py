@@ -1,11 +1,12 @@
 """alloy vs mergekit on a medium synthetic Llama family, side by side in one run.
 
     .venv/bin/python benchmarks/bench_merge.py [--root /tmp/alloy-bench] [--methods linear,ties] [--out benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/bench_merge.py --device cuda   # on a GPU: alloy --device cuda against mergekit --cuda
 
 Family (generated once, reused): hidden 2048, intermediate 5632, 10 layers, vocab 32000, bf16, 1 GB shards — about
-1.3 GB per model; a base and two fine-tunes. Each merge runs as its own process under /usr/bin/time -v with the page
-cache warm (inputs are read once before timing); wall seconds and peak RSS are taken from it. The floor is the time to
-read every input once plus write one output of the same size with fsync.
+1.3 GB per model; a base and two fine-tunes. Each merge runs as its own process with the page cache warm (inputs are
+read once before timing); its wall seconds and peak RSS (its rusage from wait4, what `/usr/bin/time -v` reports, which earlier runs used) are
+taken. The floor is the time to read every input once plus write one output of the same size with fsync.
 """
 
 from __future__ import annotations
@@ -93,15 +94,27 @@ def floor_seconds(paths: list[str], out_bytes: int, scratch: Path) -> float:
     return read + write
 
 
+# Runs the command and writes its wall seconds, peak RSS (KB) and exit status. A separate small process: a child's
+# ru_maxrss starts from the high-water mark of the process it was forked from (Linux records the old address space's
+# at exec), and this benchmark holds gigabytes after generating the family; /usr/bin/time played this part before,
+# but the GPU machine's image has none.
+_TIMER = ("import os, subprocess, sys, time\n"
+          "t = time.perf_counter(); p = subprocess.Popen(sys.argv[2:]); _, st, ru = os.wait4(p.pid, 0)\n"
+          "p.returncode = 0; secs = time.perf_counter() - t\n"
+          "open(sys.argv[1], 'w').write(f'{secs} {ru.ru_maxrss} {os.waitstatus_to_exitcode(st)}')\n")
+
+
 def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
-    r = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
+    """Wall seconds, peak RSS (GB) and stdout of one run of `cmd`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = Path(tmp) / "stats"
+        r = subprocess.run([sys.executable, "-c", _TIMER, str(stats)] + cmd, capture_output=True, text=True, env=env)
+        secs, rss_kb, rc = stats.read_text().split() if stats.exists() else ("nan", "0", str(r.returncode or 1))
+    if int(rc) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (.+)", r.stderr).group(1)
-    parts = [float(x) for x in wall.split(":")]
-    secs = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    return secs, rss_kb * 1024 / 1e9, r.stdout
+    return float(secs), int(rss_kb) * 1024 / 1e9, r.stdout
 
 
 def main() -> int:
@@ -111,7 +124,15 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per method; figures are medians (default 3)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where both tools compute: cuda runs alloy --device cuda and mergekit --cuda")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
+    alloy_device = ["--device", args.device]
+    mergekit_device = ["--cuda"] if args.device == "cuda" else []
+    where = (f"device cuda ({torch.cuda.get_device_name()}; alloy --device cuda, mergekit --cuda)"
+             if args.device == "cuda" else "device cpu")
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     fam = make_medium_family(root / "family")
@@ -119,6 +140,9 @@ def main() -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     load_before = os.getloadavg()[0]
     bin_dir = Path(sys.executable).parent
+    # the console script where mergekit is installed; its module where it only travels as a wheel (--target)
+    mergekit = ([str(bin_dir / "mergekit-yaml")] if (bin_dir / "mergekit-yaml").exists()
+                else [sys.executable, "-m", "mergekit.scripts.run_yaml"])
     rows = []
     for name in args.methods.split(","):
         cfg = METHODS[name](fam)
@@ -137,16 +161,16 @@ def main() -> int:
             for o in (out_a, out_m):
                 shutil.rmtree(o, ignore_errors=True)
             warm(inputs)
-            a_s, a_rss, summary = timed([str(bin_dir / "alloy"), "merge", str(cfg_path), str(out_a), "--shard-size",
-                                         "1GB"], env)
+            a_s, a_rss, summary = timed([sys.executable, "-m", "alloy", "merge", str(cfg_path), str(out_a), "--shard-size",
+                                         "1GB"] + alloy_device, env)
             out_bytes = sum(f.stat().st_size for f in out_a.glob("*.safetensors"))
             floor = floor_seconds(inputs, out_bytes, root / "floor.bin")
             if args.skip_mergekit:
                 m_s, m_rss = float("nan"), float("nan")
             else:
                 warm(inputs)
-                m_s, m_rss, _ = timed([str(bin_dir / "mergekit-yaml"), str(cfg_path), str(out_m), "--out-shard-size",
-                                       "500M", "--random-seed", "0", "--no-copy-tokenizer", "--quiet"], env)
+                m_s, m_rss, _ = timed(mergekit + [str(cfg_path), str(out_m), "--out-shard-size",
+                                       "500M", "--random-seed", "0", "--no-copy-tokenizer", "--quiet"] + mergekit_device, env)
             inner = re.search(r", ([0-9.]+) s, [0-9.]+ GB/s", summary)
             runs["alloy"].append((a_s, a_rss))
             runs["inner"].append(float(inner.group(1)) if inner else float("nan"))
@@ -162,8 +186,8 @@ def main() -> int:
             shutil.rmtree(o, ignore_errors=True)
     lines = [
         "# Benchmark: alloy vs mergekit 0.1.5", "",
-        f"Machine: {os.cpu_count()} cores; torch {torch.__version__}; family: Llama hidden 2048, intermediate 5632, "
-        "10 layers, vocab 32000, bf16, ~1.3 GB per model, 1 GB shards; page cache warm; `/usr/bin/time -v` per run "
+        f"Machine: {os.cpu_count()} cores, {where}; torch {torch.__version__}; family: Llama hidden 2048, intermediate 5632, "
+        "10 layers, vocab 32000, bf16, ~1.3 GB per model, 1 GB shards; page cache warm; each run's wall seconds and peak RSS (its rusage) "
         "(wall seconds include each tool's start-up: importing torch, planning); 'alloy merge s' is alloy's own "
         "figure from planning to the renamed output; the floor reads every input once and writes the output's "
         f"size with fsync. Each time is the median of {args.repeat} rounds (alloy, floor and mergekit measured side by "
