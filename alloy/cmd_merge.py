@@ -36,7 +36,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tie-break", default="index", choices=["index", "torch"],
                    help="mergekit's selection rules or alloy's: elements tied at a magnitude threshold (the first by "
                         "position, default; or whatever torch's sort keeps) and DARE/DELLA's random drops (15-bit "
-                        "draws, default; or torch.bernoulli): 'torch' is bit-identical to mergekit, and slower")
+                        "draws, default; or torch.bernoulli): 'torch' selects exactly as mergekit does (TIES and friends "
+                        "bit-identical; DARE/DELLA the same rule but not the same draws: alloy seeds each tensor from "
+                        "(seed, name), mergekit one stream for the run), and is slower")
     p.add_argument("--nan-policy", default="refuse", choices=["refuse", "warn"],
                    help="an input tensor holding NaN or Inf: refuse the merge (default), or warn and merge it anyway "
                         "(recorded in alloy_manifest.json)")

@@ -83,6 +83,7 @@ METHOD_RANGES: dict[tuple[str, str], Range] = {
     ("nuslerp", "weight"): NON_NEGATIVE,
     ("multislerp", "weight"): NON_NEGATIVE,
     ("nearswap", "t"): NON_NEGATIVE,  # a distance threshold, not an interpolation factor
+    ("slerp", "t"): ANY,  # beyond [0, 1] slerp extrapolates along the same arc; mergekit takes any t
     ("ram", "epsilon"): NON_NEGATIVE,  # the |delta| below which a change does not count
     ("ramplus_tl", "epsilon"): NON_NEGATIVE,
     ("regmean", "alpha"): UNIT,  # a share of the Grams' off-diagonal entries kept
@@ -102,6 +103,8 @@ def _leaves(setting: Any, path: str) -> Iterator[tuple[str, Any]]:
     if isinstance(setting, ConditionalParameter):
         yield from _leaves(setting.value, path + ".value")
     elif isinstance(setting, list):
+        if not setting:
+            yield path, setting  # refused by _check_value: a gradient needs at least one value
         for i, item in enumerate(setting):
             yield from _leaves(item, f"{path}[{i}]")
     else:
@@ -109,6 +112,8 @@ def _leaves(setting: Any, path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _check_value(method: str, name: str, where: str, value: Any) -> None:
+    if isinstance(value, list):
+        raise ConfigError(f"{where}: an empty list; give a value, or a gradient of at least one value")
     if name in BOOLEANS:
         # YAML "false" in quotes is a string, and a non-empty string is true: refuse it rather than flip the meaning
         if not isinstance(value, bool) and value not in (0, 1):

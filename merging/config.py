@@ -10,10 +10,10 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merging.errors import ConfigError
 
@@ -28,7 +28,33 @@ class ConditionalParameter(BaseModel):
 
 
 ParameterSetting = Union[ScalarOrGradient, ConditionalParameter, list[ConditionalParameter]]
-Parameters = dict[str, ParameterSetting]
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _coerce_strings(setting: Any) -> Any:
+    """Parameter values as mergekit reads them: YAML 1.1 reads `1e-6` (no dot) and quoted numbers as strings, and
+    mergekit turns such strings into numbers; "true"/"false" in quotes are booleans there too (pydantic's rules)."""
+    if isinstance(setting, str):
+        if _NUMBER.fullmatch(setting.strip()):
+            return float(setting) if any(c in setting for c in ".eE") else int(setting)
+        if setting.strip().lower() in ("true", "false"):
+            return setting.strip().lower() == "true"
+        return setting
+    if isinstance(setting, list):
+        return [_coerce_strings(v) for v in setting]
+    if isinstance(setting, dict):
+        return {k: (_coerce_strings(v) if k == "value" else v) for k, v in setting.items()}
+    return setting
+
+
+def _coerce_parameters(params: Any) -> Any:
+    if not isinstance(params, dict):
+        return params
+    return {k: (v if k == "gram" else _coerce_strings(v)) for k, v in params.items()}  # gram: a file path
+
+
+Parameters = Annotated[dict[str, ParameterSetting], BeforeValidator(_coerce_parameters)]
 
 
 class ModelRef(BaseModel):
@@ -135,9 +161,7 @@ class TokenizerSection(BaseModel):
         return v
 
 
-DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "float", "half")
-
-
+DTYPES = ("float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "fp64", "float", "half", "double")
 class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
@@ -156,9 +180,9 @@ class MergeConfig(BaseModel):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and v not in DTYPES:
-            raise ValueError(f"unknown dtype {v!r}; expected one of float32, float16, bfloat16")
-        return v
+        if v is not None and v.removeprefix("torch.") not in DTYPES:  # mergekit also takes torch's names
+            raise ValueError(f"unknown dtype {v!r}; expected one of float32, float16, bfloat16, float64")
+        return None if v is None else v.removeprefix("torch.")
 
     @model_validator(mode="after")
     def _inputs(self) -> "MergeConfig":
@@ -228,6 +252,10 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         errs = e.errors()
         best = min(errs, key=lambda er: (er["type"] == "union_tag_invalid", -len(er["loc"])))
         msg = best["msg"].removeprefix("Value error, ")
+        if "parameters" in best["loc"] and best["type"] not in ("value_error", "missing", "extra_forbidden"):
+            # the union's last branch speaks ("a valid boolean"); say what a parameter value may be instead
+            msg = (f"{best.get('input')!r} is not a parameter value: give a number (or true/false), a gradient (a "
+                   "list of numbers) or a list of {filter, value}")
         raise ConfigError(f"{source}: {_loc(best['loc'])}: {msg}") from None
 
 

@@ -30,6 +30,7 @@ TORCH_DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -153,13 +154,14 @@ def _check_parameter_names(config: MergeConfig, spec: MethodSpec | None) -> None
                 raise ConfigError(f"{where}.{key}: method {name!r} has no parameter {key!r}{hint}")
 
 
-def _normalised_slices(config: MergeConfig, base: Optional[ModelRef], layers: dict[str, int],
-                       uses_base: bool) -> list[OutputSlice]:
+def _normalised_slices(config: MergeConfig, base: Optional[ModelRef], layers: dict[str, int]) -> list[OutputSlice]:
     if config.slices:
         return config.slices
     sources = [InputSlice(model=m.model, layer_range=(0, max(layers[str(m.model)], 1)), parameters=m.parameters)
                for m in config.models or []]
-    if base is not None and uses_base and all(str(s.model) != str(base) for s in sources):
+    if base is not None and all(str(s.model) != str(base) for s in sources):
+        # as mergekit does, for every method: a base_model not listed under models is one more input, which methods
+        # without a base (linear, karcher) then merge like the others
         sources.append(InputSlice(model=base, layer_range=(0, max(layers[str(base)], 1))))
     return [OutputSlice(sources=sources)]
 
@@ -223,7 +225,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     uses_base = bool(spec and spec.base)
     if spec and spec.base is True and base is None:
         raise ConfigError(f"base_model: method {config.merge_method!r} needs a base_model")
-    slices = _normalised_slices(config, base, layers, uses_base)
+    slices = _normalised_slices(config, base, layers)
     compute = TORCH_DTYPES[dtype or config.dtype] if (dtype or config.dtype) else None
     out_dtype_cfg = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
     template = index[str(base)] if base is not None else index[str(slices[0].sources[0].model)]

@@ -73,6 +73,16 @@ def configs(fam: dict[str, Path]) -> dict[str, dict]:
         "ties_unnormalized": {"merge_method": "ties", "base_model": b, "parameters": {"normalize": False, "density": 0.6},
                               "models": [{"model": f0, "parameters": {"weight": 0.6}},
                                          {"model": f1, "parameters": {"weight": 0.4}}]},
+        # mergekit reads YAML 1.1's strings '5e-1' / '1e0' (exponent without a dot) as numbers
+        "ties_scientific_notation": {"merge_method": "ties", "base_model": b, "parameters": {"lambda": "1e0"},
+                                     "models": [{"model": f0, "parameters": {"weight": "1e0", "density": "5e-1"}},
+                                                {"model": f1, "parameters": {"weight": ["2e-1", 1], "density": 0.7}}]},
+        # a base_model not listed under models is merged as one more model by methods without a base
+        "linear_base_not_listed": {"merge_method": "linear", "base_model": b, "parameters": {"weight": 1.0},
+                                   "models": [{"model": f0}, {"model": f1}]},
+        "karcher_base_not_listed": {"merge_method": "karcher", "base_model": b, "models": [{"model": f0}, {"model": f1}]},
+        "slerp_extrapolated": {"merge_method": "slerp", "base_model": b, "parameters": {"t": [1.2, -0.2]},
+                               "models": [{"model": b}, {"model": f0}]},
         "passthrough": {"merge_method": "passthrough", "slices": [
             {"sources": [{"model": b, "layer_range": [0, 2]}]},
             {"sources": [{"model": f1, "layer_range": [1, 3]}]}]},
@@ -80,6 +90,7 @@ def configs(fam: dict[str, Path]) -> dict[str, dict]:
 
 
 CASES = ["linear", "linear_unnormalized_filters", "slerp_gradient", "task_arithmetic", "ties", "ties_unnormalized",
+         "ties_scientific_notation", "linear_base_not_listed", "karcher_base_not_listed", "slerp_extrapolated",
          "passthrough"]
 
 
@@ -112,3 +123,16 @@ def test_out_dtype_and_dtype_keys(family_fp32, tmp_path):
     run_merge(tmp_path / "c.yml", tmp_path / "alloy", progress=False)
     run_mergekit(cfg, tmp_path / "mk")
     assert_same(load_dir(tmp_path / "alloy"), load_dir(tmp_path / "mk"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "torch.bfloat16"])  # names mergekit's dtype_from_name takes
+def test_dtype_names_mergekit_takes(family_fp32, tmp_path, dtype):
+    cfg = configs(family_fp32)["linear"] | {"dtype": dtype}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    run_merge(tmp_path / "c.yml", tmp_path / "alloy", progress=False)
+    run_mergekit(cfg, tmp_path / "mk")
+    ours, theirs = load_dir(tmp_path / "alloy"), load_dir(tmp_path / "mk")
+    want = torch.float64 if dtype == "float64" else torch.bfloat16
+    assert {t.dtype for t in ours.values()} == {want}
+    assert_same(ours, theirs, want)
+    assert json.loads((tmp_path / "alloy" / "config.json").read_text())["torch_dtype"] == dtype.removeprefix("torch.")
