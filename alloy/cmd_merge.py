@@ -48,11 +48,26 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    from merging.engine import run_merge
+    import signal
+    from pathlib import Path
 
-    result = run_merge(args.config, args.out_dir, seed=args.seed, device=args.device,
-                       shard_size=parse_size(args.shard_size), dtype=args.dtype, resume=args.resume,
-                       overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
-                       allow_pickle=args.allow_pickle, tie_break=args.tie_break, nan_policy=args.nan_policy)
+    from merging.engine import partial_folder, run_merge
+
+    def terminated(signum, frame):  # `kill` stops a merge as Ctrl-C does: lock released, finished shards kept
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        result = run_merge(args.config, args.out_dir, seed=args.seed, device=args.device,
+                           shard_size=parse_size(args.shard_size), dtype=args.dtype, resume=args.resume,
+                           overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
+                           allow_pickle=args.allow_pickle, tie_break=args.tie_break, nan_policy=args.nan_policy)
+    except KeyboardInterrupt:
+        tmp = partial_folder(Path(args.out_dir).absolute())
+        if tmp.exists():
+            print(f"alloy: interrupted; finished shards are kept in {tmp}: the same command with --resume continues "
+                  "from them", file=sys.stderr)
+            return 130
+        raise
     print(result.summary())
     return 0

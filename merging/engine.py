@@ -13,9 +13,11 @@ import ctypes
 import functools
 import fcntl
 import hashlib
+import logging
 import json
 import os
 import queue
+import re
 import resource
 import shutil
 import threading
@@ -30,10 +32,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 from merging.config import MergeConfig, load_config
-from merging.errors import AlloyError, OutputError
+from merging.checks import all_finite, current_nan_policy
+from merging.errors import AlloyError, ConfigError, OutputError
+from merging.guard import check_output_folder
 from merging.io import ShardFile, ShardLayout, encode_header, read_tensor
 from merging.methods.registry import REGISTRY
 from merging.plan import Plan, TensorTask, build_plan
+
+log = logging.getLogger("alloy")
 
 JOURNAL = "alloy_journal.json"
 PREFETCH_BYTES = int(os.environ.get("ALLOY_PREFETCH_MB", 256)) * 1024**2  # inputs read ahead of the computing tasks
@@ -183,7 +189,14 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
             out = spec.call(xs, b, per_model, task.global_params, generator=gen, fn=fn)
     if tuple(out.shape) != task.shape:
         raise AlloyError(f"tensor {task.name!r}: method {task.method} produced shape {tuple(out.shape)}, expected {task.shape}")
-    return out.to(task.dtype).cpu()
+    out = out.to(task.dtype).cpu()
+    # inputs were checked as they were read; what a finite merge can still lose is range, when written as float16
+    # (|x| > 65504 becomes Inf). Other output dtypes hold every finite float32, so they are not scanned again.
+    if task.dtype == torch.float16 and current_nan_policy() == "refuse" and not all_finite(out):
+        n = out.numel() - int(torch.isfinite(out).sum())
+        raise ConfigError(f"tensor {task.name!r}: {n} merged value(s) overflow float16 (|x| > 65504); merge to "
+                          "bfloat16 or float32 (dtype / out_dtype / --dtype)")
+    return out
 
 
 def _chunked(spec, xs: list[torch.Tensor], b: torch.Tensor | None, task: TensorTask) -> torch.Tensor:
@@ -213,6 +226,18 @@ def _task_bytes(plan: Plan, task: TensorTask) -> int:
     side = [e for entries in task.side.values() for e in entries if e is not None]
     return sum(plan.checkpoints[m].info(n).nbytes for m, n in refs) + \
         sum(plan.side_files[i].checkpoint.info(n).nbytes for i, n in side)
+
+
+def check_device(device: str) -> None:
+    """cpu, cuda or cuda:N (a GPU that is there), refused in one line before anything is read or written."""
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ConfigError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AlloyError(f"--device {device}: no CUDA device is available")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise AlloyError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
 
 
 def compute_workers() -> int:
@@ -353,19 +378,21 @@ def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, over
     from merging.output import check_tokenizer_policy, finalize_output
 
     t0 = time.perf_counter()
-    search = []
+    search, inputs = [], []
     if not isinstance(config, MergeConfig):
         search.append(Path(config).resolve().parent)
+        inputs.append(Path(config))
         config = load_config(config)
     seed = 0 if seed is None else int(seed)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AlloyError(f"--device {device}: no CUDA device is available")
+    check_device(device)
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
         raise OutputError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
     plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, allow_pickle=allow_pickle,
                       nan_policy=nan_policy)
     check_tokenizer_policy(plan)
+    # --overwrite replaces out_dir whole: never when it is, holds or lies in a model, the config or a side file
+    check_output_folder(out_dir, inputs + [ck.path for ck in plan.checkpoints] + [sf.path for sf in plan.side_files])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = out_dir.parent / f".{out_dir.name}.alloy-lock"
@@ -386,12 +413,17 @@ def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, over
     return result
 
 
+def partial_folder(out_dir: Path) -> Path:
+    """Where a merge into out_dir is built, and kept with its journal when interrupted (for --resume)."""
+    return out_dir.parent / f".{out_dir.name}.alloy-partial"
+
+
 def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_size: int, resume: bool,
                   overwrite: bool, progress: bool, extra_card: dict | None, t0: float, finalize,
                   kernels: bool | None) -> MergeResult:
     from tqdm import tqdm
 
-    tmp = out_dir.parent / f".{out_dir.name}.alloy-partial"
+    tmp = partial_folder(out_dir)
     layout = ShardLayout.plan([(t.name, t.dtype, t.shape) for t in plan.tasks], shard_size)
     key = _layout_key(layout, plan, seed)
     journal: dict = {"key": key, "shards": {}}
@@ -402,7 +434,12 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
                 if _verify_shard(tmp / fname, tensor_sha):
                     journal["shards"][fname] = tensor_sha
         else:
+            if resume:
+                log.warning(f"alloy: --resume: {tmp} holds a merge of another config, inputs, seed or shard size; "
+                            "starting over")
             shutil.rmtree(tmp)
+    elif resume:
+        log.warning(f"alloy: --resume: no interrupted merge of {out_dir} to continue; starting it")
     tmp.mkdir(parents=True, exist_ok=True)
     _write_journal(tmp, journal)
 
@@ -455,9 +492,7 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
         (tmp / JOURNAL).unlink()
         _fsync_dir(tmp)
         if out_dir.exists():  # only reachable with overwrite=True (checked before planning)
-            trash = out_dir.parent / f".{out_dir.name}.alloy-old"
-            if trash.exists():
-                shutil.rmtree(trash)
+            trash = out_dir.parent / f".{out_dir.name}.alloy-old-{os.getpid()}"  # never a folder of the user's
             out_dir.rename(trash)
             tmp.rename(out_dir)
             shutil.rmtree(trash)
@@ -492,6 +527,7 @@ def _merge_to_state_dict(config, *, seed, device, dtype, model_paths, nan_policy
     if not isinstance(config, MergeConfig):
         search.append(Path(config).resolve().parent)
         config = load_config(config)
+    check_device(device)
     plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, nan_policy=nan_policy)
     sd = {task.name: out for task, out in iter_computed(plan, plan.tasks, seed=0 if seed is None else seed, device=device)}
     return MergeResult(None, len(sd), plan.bytes_in, sum(t.numel() * t.element_size() for t in sd.values()),

@@ -57,13 +57,13 @@ class SideFile:
     Its header metadata may map tensor names to the stored name they share (`alloy.aliases`, JSON): layers that read
     the same input (q/k/v projections) have one Gram matrix."""
 
-    def __init__(self, path: Path, parameter: str):
+    def __init__(self, path: Path, parameter: str, nan_policy: str = "refuse"):
         import json
 
         from merging.io import read_header
 
         self.path, self.parameter = path, parameter
-        self.checkpoint = Checkpoint(path)
+        self.checkpoint = Checkpoint(path, nan_policy=nan_policy)  # a NaN statistic spreads to every merged value
         _, meta = read_header(path)
         try:
             self.aliases: dict[str, str] = json.loads(meta.get("alloy.aliases", "{}"))
@@ -249,7 +249,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
             key = (p, f.resolve())
             if key not in side_index:
                 side_index[key] = len(side_files)
-                side_files.append(SideFile(f, p))
+                side_files.append(SideFile(f, p, policy))
             sf = side_files[side_index[key]]
             stored = sf.stored_name(name)
             if stored is not None and len(shape) == 2:
@@ -366,7 +366,12 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     for si, sl in enumerate(slices):
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
         if len(lengths) != 1:
-            raise ConfigError(f"slices[{si}].sources: all sources of a slice must span the same number of layers")
+            spans = ", ".join(f"{s.model}: {s.layer_range[1] - s.layer_range[0]}" for s in sl.sources)
+            if not config.slices:  # the user wrote `models:`; the ranges are each model's whole depth
+                raise InputError(f"the models have different numbers of layers ({spans}); merged models must have "
+                                 "the same architecture and size (or pick layers with slices: and layer_range)")
+            raise ConfigError(f"slices[{si}].sources: all sources of a slice must span the same number of layers "
+                              f"({spans})")
         for j, s in enumerate(sl.sources):
             have = layers[str(s.model)]
             if s.layer_range[1] > have:

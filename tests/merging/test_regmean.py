@@ -205,3 +205,20 @@ def test_inspect_takes_a_regmean_config_before_its_gram_files_exist(family_fp32,
     cfg = _config(family_fp32, [tmp_path / f"not-yet-{i}.safetensors" for i in range(3)])
     report = inspect_merge(_cfg_file(tmp_path, cfg))
     assert len(report["models"]) == 3
+
+
+def test_a_gram_file_holding_nan_is_refused_naming_it(family_fp32, tmp_path):
+    """A NaN statistic would spread to every value of the layer it serves: side files are checked like models."""
+    fam = family_fp32
+    grams = [_write_grams(tmp_path / f"g{i}.safetensors", fam[f"ft{i}"], seed=i) for i in range(3)]
+    from safetensors import safe_open
+
+    with safe_open(grams[1], "pt") as f:
+        meta = f.metadata()  # the q/k/v aliases
+    sd = load_file(grams[1])
+    name = sorted(sd)[0]
+    sd[name][0, 0] = float("nan")
+    save_file(sd, str(grams[1]), metadata=meta)
+    with pytest.raises(InputError, match=f"g1.safetensors: tensor '{name}' has 1 NaN"):
+        run_merge(_cfg_file(tmp_path, _config(fam, grams)), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

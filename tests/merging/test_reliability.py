@@ -410,3 +410,103 @@ def test_hub_ids_merge_from_the_offline_cache_or_fail_in_one_line(family_bf16, t
         run_merge(write_cfg(tmp_path, hub), tmp_path / "out", progress=False)
     assert "org/absent" in str(info.value) and "not in the local Hugging Face cache" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------- outputs never destroy inputs
+
+
+def _models_in(tmp: Path, fam: dict) -> dict[str, Path]:
+    root = tmp / "models"
+    return {k: copy_model(fam[k], root / k) for k in ("ft0", "ft1")}
+
+
+def _linear(models: dict[str, Path]) -> dict:
+    return {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 0.5}}
+                                                 for p in models.values()]}
+
+
+@pytest.mark.parametrize("out, words", [
+    ("models/ft0", "is the input"),  # replacing the output would replace the model
+    ("models", "holds the input"),  # ... or every model under it
+    (".", "holds the input"),  # ... or the config and the models
+    ("models/ft1/merged", "inside the input model folder"),
+])
+def test_overwrite_never_replaces_an_input(family_fp32, tmp_path, out, words):
+    models = _models_in(tmp_path, family_fp32)
+    cfg = write_cfg(tmp_path, _linear(models))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    r = subprocess.run(ALLOY + ["merge", str(cfg), out, "--overwrite"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_of_a_file_is_refused_and_the_file_kept(family_fp32, tmp_path):
+    models = _models_in(tmp_path, family_fp32)
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(AlloyError, match="is a file, not a folder"):
+        run_merge(write_cfg(tmp_path, _linear(models)), tmp_path / "afile", overwrite=True, progress=False)
+    assert (tmp_path / "afile").read_text() == "mine" and listing(tmp_path) == ["afile", "c.yml", "models"]
+
+
+def test_overwrite_leaves_a_users_hidden_folder_of_a_similar_name_alone(family_fp32, tmp_path):
+    models = _models_in(tmp_path, family_fp32)
+    cfg = write_cfg(tmp_path, _linear(models))
+    run_merge(cfg, tmp_path / "out", progress=False)
+    (tmp_path / ".out.alloy-old").mkdir()  # alloy's old name for the replaced folder, here the user's own
+    (tmp_path / ".out.alloy-old" / "notes").write_text("keep")
+    run_merge(cfg, tmp_path / "out", overwrite=True, progress=False)
+    assert (tmp_path / ".out.alloy-old" / "notes").read_text() == "keep"
+    assert listing(tmp_path) == [".out.alloy-old", "c.yml", "models", "out"]
+
+
+@pytest.mark.parametrize("device", ["foo", "CPU", "meta", "cuda:x"])
+def test_unknown_device_is_one_line_and_leaves_nothing(family_fp32, tmp_path, device):
+    cfg = write_cfg(tmp_path, _linear({k: family_fp32[k] for k in ("ft0", "ft1")}))
+    r = subprocess.run(ALLOY + ["merge", str(cfg), str(tmp_path / "o"), "--device", device], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and f"--device {device!r}: expected cpu, cuda or cuda:N" in r.stderr, r.stderr
+    assert listing(tmp_path) == ["c.yml"]
+
+
+def test_float16_overflow_is_refused_naming_the_tensor(family_fp32, tmp_path):
+    big = copy_model(family_fp32["ft0"], tmp_path / "inputs" / "big", lambda sd: sd["model.norm.weight"].fill_(1e5))
+    cfg = {"merge_method": "linear", "dtype": "float16",
+           "models": [{"model": str(big), "parameters": {"weight": 0.5}},
+                      {"model": str(family_fp32["ft1"]), "parameters": {"weight": 0.5}}]}
+    msg = run_and_fail(tmp_path, cfg, ConfigError)
+    assert "tensor 'model.norm.weight'" in msg and "overflow float16" in msg
+
+
+def test_models_of_different_depths_name_each_depth(family_fp32, tmp_path, no_tensor_reads):
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from family import make_family
+
+    deep = make_family(tmp_path / "inputs", n_finetunes=0, layers=4)["base"]
+    msg = run_and_fail(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(family_fp32["ft0"]), "parameters": {"weight": 0.5}},
+        {"model": str(deep), "parameters": {"weight": 0.5}}]}, InputError)
+    assert f"{family_fp32['ft0']}: 3, {deep}: 4" in msg and "slices[" not in msg
+
+
+def test_sigterm_keeps_finished_shards_and_says_how_to_resume(family_fp32, tmp_path):
+    cfg = write_cfg(tmp_path, {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(family_fp32["base"]), "layer_range": [0, 3]}]}]})
+    proc = subprocess.Popen(ALLOY + ["merge", str(cfg), str(tmp_path / "out"), "--shard-size", "20KB"], cwd=ROOT,
+                            env=dict(os.environ, ALLOY_TEST_SLOW_WRITE="0.05"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    journal = tmp_path / ".out.alloy-partial" / "alloy_journal.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (journal.exists() and json.loads(journal.read_text())["shards"]):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume continues" in err, err
+    assert not (tmp_path / ".out.alloy-lock").exists() and not (tmp_path / "out").exists()
+    r = subprocess.run(ALLOY + ["merge", str(cfg), str(tmp_path / "out"), "--shard-size", "20KB", "--resume"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "starting" not in r.stderr, r.stderr
+    r = subprocess.run(ALLOY + ["merge", str(cfg), str(tmp_path / "o2"), "--resume"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "no interrupted merge" in r.stderr, r.stderr
