@@ -21,3 +21,19 @@ def test_a_bad_line_is_named(tmp_path):
         list(jsonl_rows(f))
     with pytest.raises(FileNotFoundError):
         list(jsonl_rows(tmp_path / "missing.jsonl"))
+
+
+def test_not_utf8_is_named_with_line_and_byte(tmp_path):
+    from eval.texts import read_text
+
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("first line\nsecond: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1\.txt:2: not UTF-8 text \(byte 22: b'\\xe9'\)"):
+        read_text(f)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(InputError, match=r"rows\.jsonl:2: not UTF-8"):
+        list(jsonl_rows(rows))
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"a\r\nb\rc\n")
+    assert read_text(crlf) == "a\nb\nc\n"  # universal newlines, as Path.read_text gives them
