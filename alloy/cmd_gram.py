@@ -11,8 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from eval.texts import jsonl_rows
-from merging.errors import ConfigError, InputError
+from alloy.argtypes import positive_int
+from eval.texts import jsonl_rows, read_text
+from merging.errors import ConfigError, InputError, OutputError
 
 
 def load_texts(data: str, n: int, seed: int = 0) -> list[str | tuple[str, str]]:
@@ -28,7 +29,7 @@ def load_texts(data: str, n: int, seed: int = 0) -> list[str | tuple[str, str]]:
         raise InputError(f"{data}: no such file (give a .jsonl or text file, or skill:NAME)")
     out: list[str | tuple[str, str]] = []
     if path.suffix != ".jsonl":
-        out += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()][:n]
+        out += [ln for ln in read_text(path).splitlines() if ln.strip()][:n]
     else:
         for i, row in jsonl_rows(path):
             if isinstance(row, dict) and isinstance(row.get("text"), str):
@@ -78,13 +79,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("model", help="model folder (Hugging Face checkpoint)")
     p.add_argument("data", help="a .jsonl or text file, or skill:NAME")
     p.add_argument("out", help="output .safetensors file")
-    p.add_argument("--examples", type=int, default=128, help="texts to read (default 128)")
+    p.add_argument("--examples", type=positive_int, default=128, help="texts to read (default 128)")
     p.add_argument("--seed", type=int, default=0, help="skill:NAME only: the draw of the training split")
-    p.add_argument("--max-tokens", type=int, default=512, help="tokens per text kept (default 512)")
+    p.add_argument("--max-tokens", type=positive_int, default=512, help="tokens per text kept (default 512)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = p.parse_args(argv)
     from merging.gram import write_grams
+    from merging.guard import check_output_file
 
+    # before any work: OUT may not be the model's folder or lie in it, nor be the data file
+    inputs = [args.model] + ([] if args.data.startswith("skill:") else [args.data])
+    check_output_file(args.out, inputs, option="OUT")
+    if Path(args.out).exists() and not args.overwrite:
+        raise OutputError(f"{args.out} exists (pass --overwrite to replace it)")
     texts = load_texts(args.data, args.examples, args.seed)
     meta = write_grams(args.model, texts, args.out, data=data_label(args.data, args.examples, args.seed),
                        max_tokens=args.max_tokens, overwrite=args.overwrite)

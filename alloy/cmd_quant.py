@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from alloy.argtypes import positive_int
 from merging.errors import ConfigError, InputError
 
 
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--text", action="append", default=[], metavar="FILE",
                     help="held-out text: a text file, or .jsonl (one text per line); repeatable. "
                     "Default: a few paragraphs of built-in English prose")
-    ap.add_argument("--max-tokens", type=int, default=1024, help="tokens of held-out text to use (default 1024)")
+    ap.add_argument("--max-tokens", type=positive_int, default=1024, help="tokens of held-out text to use (default 1024)")
     ap.add_argument("--thresholds", nargs="+", default=[], metavar="KEY=VALUE",
                     help="override thresholds, e.g. int4_kl_max=0.5 (see eval.quant.DEFAULT_THRESHOLDS)")
     ap.add_argument("--baseline", metavar="JSON", help="a --json report of a reference model on the same text")
@@ -95,9 +96,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--fp16", choices=["native", "emulated"], default="native",
                     help="fp16 pass: the model in half precision (default), or fp32 with outputs rounded to fp16 "
                     "(faster on CPUs)")
-    ap.add_argument("--threads", type=int, help="torch threads (1 is fastest on a loaded small machine)")
+    ap.add_argument("--threads", type=positive_int, help="torch threads (1 is fastest on a loaded small machine)")
     ap.add_argument("--json", metavar="OUT", help="write the report as JSON here")
     args = ap.parse_args(argv)
+    from merging.guard import check_output_file, write_report
+
+    # the report may not replace the model's files, a held-out text or the baseline: refused before any work
+    inputs = [args.model_dir, *args.text, *([args.baseline] if args.baseline else [])]
+    if args.json:
+        check_output_file(args.json, inputs)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only: never wait on the network
     import torch
@@ -121,7 +128,6 @@ def main(argv: list[str]) -> int:
     )
     print(format_report(report, args.model_dir))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"model_dir": str(args.model_dir), **report.to_dict()}, indent=2) + "\n")
+        write_report(args.json, json.dumps({"model_dir": str(args.model_dir), **report.to_dict()}, indent=2) + "\n",
+                     inputs)
     return 0 if report.passed else 1

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eval.texts import jsonl_rows
+from eval.texts import jsonl_rows, read_text
 from merging.errors import ConfigError, InputError
 from merging.io import Checkpoint
 
@@ -193,22 +193,29 @@ out how another person sees the world, and often of learning something you did n
 
 def read_texts(paths: list[str | Path]) -> list[str]:
     """Held-out texts from files: a .jsonl file gives one text per line (its "text" field, else its string fields
-    joined by spaces); any other file is one text."""
+    joined by spaces; a row that is a string is the text); any other file is one text. Files are UTF-8; a row
+    that holds no string (`{"text": 1}`, `[1, 2]`) is an InputError naming file:line."""
     texts: list[str] = []
     for p in map(Path, paths):
         if not p.is_file():
             raise InputError(f"held-out text {p}: no such file")
         if p.suffix == ".jsonl":
-            for _, row in jsonl_rows(p):
-                if isinstance(row, dict):
-                    text = row.get("text") or " ".join(str(v) for v in row.values() if isinstance(v, str))
+            for i, row in jsonl_rows(p):
+                if isinstance(row, str):
+                    text = row
+                elif isinstance(row, dict) and "text" in row:
+                    text = row["text"]
+                    if not isinstance(text, str):
+                        raise InputError(f"{p}:{i}: \"text\" is {type(text).__name__} {text!r:.40}, not a string")
+                elif isinstance(row, dict):
+                    text = " ".join(v for v in row.values() if isinstance(v, str))
                 else:
-                    text = str(row)
+                    raise InputError(f"{p}:{i}: a row is an object with a string \"text\" (or string fields), "
+                                     f"or a string; got {type(row).__name__}")
                 texts.append(text)
         else:
-            texts.append(p.read_text(encoding="utf-8"))
+            texts.append(read_text(p))
     return texts
-
 
 
 # ------------------------------------------------------------------------------------------------ thresholds
@@ -444,13 +451,14 @@ def _quant_targets(model, quantize_embeddings: bool) -> list[tuple[str, torch.nn
 
 
 def _load(model_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from merging.hf import load_tokenizer, quiet_transformers
     from merging.loading import LOAD_LOCK
 
+    tok = load_tokenizer(model_dir)
     try:
-        with LOAD_LOCK:
-            tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        with LOAD_LOCK, quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         msg = " ".join(str(e).split())[:300]

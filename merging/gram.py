@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from merging.errors import InputError, OutputError
+from merging.errors import ConfigError, InputError, OutputError
 
 FORMAT = "alloy-gram/1"
 
@@ -33,20 +33,21 @@ def compute_grams(model_dir: str | Path, texts: Sequence[str | tuple[str, str]],
                   max_tokens: int = 512) -> tuple[dict, dict[str, str], int]:
     """({stored name: float32 Gram [in, in]}, {weight name: stored name}, tokens seen) for a checkpoint folder."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise InputError(f"{model_dir}: not a model folder (no config.json)")
     if not texts:
         raise InputError(f"{model_dir}: no texts to take the Gram matrices on")
-    from merging.gguf import _quiet_transformers
-
+    if max_tokens < 1 or batch_size < 1:
+        raise ConfigError(f"max_tokens={max_tokens}, batch_size={batch_size}: both must be at least 1")
+    from merging.hf import load_tokenizer, quiet_transformers
     from merging.loading import LOAD_LOCK
 
-    with LOAD_LOCK, _quiet_transformers():
+    tok = load_tokenizer(model_dir)  # a folder without one is named before the model loads
+    with LOAD_LOCK, quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     tied = model.get_output_embeddings()
     layers = {name: mod for name, mod in model.named_modules()
@@ -95,7 +96,10 @@ def write_grams(model_dir: str | Path, texts: Sequence[str | tuple[str, str]], o
 
     from merging.gguf import _umask
 
+    from merging.guard import check_output_file
+
     out = Path(out)
+    check_output_file(out, [model_dir], option="Gram file")  # never over or inside the model's folder
     if out.exists() and not overwrite:
         raise OutputError(f"{out} exists (pass --overwrite to replace it)")
     weights = model_files_digest(model_dir)

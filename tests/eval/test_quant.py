@@ -380,3 +380,80 @@ def test_read_texts(tmp_path):
     with pytest.raises(InputError, match=r"bad.jsonl:2"):
         Q.read_texts([bad])
     assert "Paris" in Q.DEFAULT_TEXT
+
+
+def test_rows_without_a_string_text_are_named(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"text": "fine"}\n"a plain string row"\n{"text": 1}\n')
+    with pytest.raises(InputError, match=r"rows\.jsonl:3: \"text\" is int 1, not a string"):
+        Q.read_texts([f])
+    f.write_text('{"text": "fine"}\n[1, 2]\n')
+    with pytest.raises(InputError, match=r"rows\.jsonl:2: a row is an object"):
+        Q.read_texts([f])
+    f.write_text('{"text": "fine"}\n"a plain string row"\n')
+    assert Q.read_texts([f]) == ["fine", "a plain string row"]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"ok\n\xe9t\xe9\n")
+    with pytest.raises(InputError, match=r"latin\.txt:2: not UTF-8 text \(byte 3"):
+        Q.read_texts([latin])
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("alloy: error:") and "\n" not in err, err
+    return err
+
+
+def test_cli_refuses_bad_arguments_and_outputs_before_any_work(tiny, tmp_path, capsys, monkeypatch):
+    from alloy.cli import main as alloy
+
+    for bad in (["--max-tokens", "-5"], ["--max-tokens", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit) as e:
+            alloy(["quant-check", str(tiny), *bad])
+        assert e.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+
+    def no_work(*a, **k):
+        raise AssertionError("the check ran before the output was refused")
+
+    monkeypatch.setattr(Q, "quant_check", no_work)
+    before = (tiny / "config.json").read_bytes()
+    text = tmp_path / "held.txt"
+    text.write_text(HELD_OUT[0])
+    (tmp_path / "a_file").write_text("x")
+    cases = {
+        str(tiny / "config.json"): "lies inside the input model folder",
+        str(text): "is an input of this command",
+        str(tmp_path): "is a folder",
+        str(tmp_path / "a_file" / "r.json"): "is a file, not a folder",
+    }
+    for out, refusal in cases.items():
+        assert alloy(["quant-check", str(tiny), "--text", str(text), "--json", out]) == 2
+        assert refusal in _one_line_error(capsys)
+    assert (tiny / "config.json").read_bytes() == before
+    # the baseline report is an input too
+    base = tmp_path / "base.json"
+    base.write_text("{}")
+    assert alloy(["quant-check", str(tiny), "--baseline", str(base), "--json", str(base)]) == 2
+    assert "is an input" in _one_line_error(capsys) and base.read_text() == "{}"
+
+
+def test_cli_model_without_tokenizer_and_quiet_stderr(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny / name, bare / name)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.run([sys.executable, "-m", "alloy", "quant-check", str(bare), "--max-tokens", "32"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)  # fmt: skip
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"alloy: error: {bare}: no tokenizer files (tokenizer.json, tokenizer.model, spiece.model, ...); copy the "
+        "tokenizer of the model it was made from into the folder")
+    # a healthy run outside any git checkout: nothing on stderr (no "Loading weights" bar from transformers)
+    p = subprocess.run([sys.executable, "-m", "alloy", "quant-check", str(tiny), "--max-tokens", "32",
+                        "--fp16", "emulated", "--threads", "1"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert p.returncode == 0 and "PASSED" in p.stdout
+    assert p.stderr.strip() == "", p.stderr

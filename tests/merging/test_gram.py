@@ -114,3 +114,60 @@ def test_loads_in_threads_take_turns_and_leave_transformers_sound(tiny_family, t
     model = AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
     assert model.lm_head.weight.device.type == "cpu"
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("alloy: error:") and "\n" not in err, err
+    return err
+
+
+def test_cli_refuses_outputs_on_its_inputs_before_any_work(tiny_family, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import merging.gram as mg
+    from alloy.cli import main as alloy
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_family.specialists["facts"], model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    data = tmp_path / "data.txt"
+    data.write_text("one text\nanother text\n")
+
+    def no_work(*a, **k):
+        raise AssertionError("computed before the output was refused")
+
+    monkeypatch.setattr(mg, "compute_grams", no_work)
+    for out, said in [(model / "model.safetensors", "lies inside the input model folder"),
+                      (model / "grams.safetensors", "lies inside the input model folder"),
+                      (model, "is an input of this command"),
+                      (data, "is an input of this command")]:  # fmt: skip
+        assert alloy(["gram", str(model), str(data), str(out), "--overwrite"]) == 2
+        assert said in _one_line_error(capsys)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before and data.read_text().startswith("one")
+    # the library refuses the model's folder too
+    with pytest.raises(Exception, match="lies inside the input model folder"):
+        write_grams(model, ["x"], model / "g.safetensors", overwrite=True)
+
+
+def test_cli_bad_arguments_data_and_models_in_one_line(tiny_family, tmp_path, capsys):
+    import shutil
+
+    from alloy.cli import main as alloy
+
+    model = tiny_family.specialists["facts"]
+    for bad in (["--max-tokens", "0"], ["--max-tokens", "-1"], ["--examples", "0"]):
+        with pytest.raises(SystemExit) as e:
+            alloy(["gram", str(model), "skill:facts", str(tmp_path / "g.safetensors"), *bad])
+        assert e.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"fine\ncaf\xe9\n")
+    assert alloy(["gram", str(model), str(latin), str(tmp_path / "g.safetensors")]) == 2
+    assert f"{latin}:2: not UTF-8 text (byte 8" in _one_line_error(capsys)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model / name, bare / name)
+    assert alloy(["gram", str(bare), "skill:facts", str(tmp_path / "g.safetensors"), "--examples", "2"]) == 2
+    assert f"{bare}: no tokenizer files" in _one_line_error(capsys)
+    assert not (tmp_path / "g.safetensors").exists()

@@ -1,0 +1,24 @@
+"""argparse types shared by the commands: bad values are refused by argparse (usage line, exit 2) before any work."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (token counts, batch sizes, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
+    return value
+
+
+def device(text: str) -> str:
+    """cpu, cuda or cuda:N (whether that GPU is there is checked when the command starts)."""
+    if text != "cpu" and not re.fullmatch(r"cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
+    return text
