@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from alloy.argtypes import device, positive_int
 from merging.errors import InputError
 
 
@@ -29,8 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-parents", action="store_true", help="do not evaluate or compare parents")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--data-dir", default=None, help="the skills' JSONL folder (default: seed-0 data in the cache)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--cache-dir", default=None, help="result cache (default: $ALLOY_EVAL_CACHE or ~/.cache/alloy/eval)")
     p.add_argument("--no-cache", action="store_true", help="evaluate again even if cached (the cache is refreshed)")
     return p
@@ -110,31 +111,37 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from eval.compare import compare_to_parents
     from eval.harness import evaluate_detailed
+    from merging.engine import check_device
+    from merging.guard import check_output_file, write_report
 
     t0 = time.perf_counter()
+    check_device(args.device)  # a GPU that is there
     model = Path(args.model_dir).resolve()
     tasks = [t for item in args.tasks for t in item.split(",") if t]
     common = dict(limit=args.limit, batch_size=args.batch_size, device=args.device, data_dir=args.data_dir,
                   cache_dir=args.cache_dir, use_cache=not args.no_cache)  # fmt: skip
-    result = evaluate_detailed(model, tasks, **common)
     parents = [] if args.no_parents else (
         [Path(p).resolve() for p in args.parents] if args.parents else manifest_parents(model))  # fmt: skip
-    parent_results: dict[str, dict] = {}
-    for name, path in zip(_names(parents), parents):
+    for path in parents:
         if not (path / "config.json").is_file():
             raise InputError(f"{path}: parent is not a checkpoint folder (no config.json)")
+    # the results may not go over or into a model evaluated here, nor into the data: refused before any work
+    inputs = [model, *parents, *([args.data_dir] if args.data_dir else [])]
+    if args.out:
+        check_output_file(args.out, inputs, option="--out")
+    result = evaluate_detailed(model, tasks, **common)
+    parent_results: dict[str, dict] = {}
+    for name, path in zip(_names(parents), parents):
         parent_results[name] = {"path": str(path), **evaluate_detailed(path, tasks, **common)}
     rows = None
     if parents:
         rows = compare_to_parents(result["scores"], {n: r["scores"] for n, r in parent_results.items()})
     print_table(model.name, result["scores"], rows)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"model": str(model), "model_hash": result["model_hash"], "tasks": list(result["scores"]),
                "limit": args.limit, "scores": result["scores"], "cached": result["cached"],
                "parents": parent_results, "comparison": rows or [],
                "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
-        out.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_report(args.out, json.dumps(doc, indent=2) + "\n", inputs, option="--out")
+        print(f"wrote {args.out}")
     return 0

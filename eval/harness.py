@@ -73,6 +73,16 @@ def default_data_dir(cache_dir: Path) -> Path:
     return out
 
 
+def _make_cache_dir(cache: Path) -> None:
+    if cache.exists() and not cache.is_dir():
+        raise InputError(f"cache folder {cache} is a file, not a folder (--cache-dir or $ALLOY_EVAL_CACHE)")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cache folder {cache}: cannot create it ({e.strerror or e}; --cache-dir or "
+                         "$ALLOY_EVAL_CACHE)") from None  # fmt: skip
+
+
 def _task_key(mhash: str, task: str, fingerprint: str, limit: int | float | None) -> str:
     blob = json.dumps([CACHE_VERSION, mhash, task, fingerprint, limit], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -104,11 +114,33 @@ def _metrics_of(task_result: dict) -> dict[str, float]:
     return out
 
 
+def _git_hash_quietly() -> str | None:
+    """lm-eval's get_git_commit_hash, without git's "fatal: not a git repository" on our stderr.
+
+    lm-eval records the commit of the working folder in its results (we keep none of it); it runs `git describe`
+    with git's stderr left on ours, so every evaluation started outside a git checkout printed that line."""
+    import subprocess
+
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+def _quiet_lm_eval_git() -> None:
+    import lm_eval.evaluator
+
+    lm_eval.evaluator.get_git_commit_hash = _git_hash_quietly  # the name simple_evaluate calls
+
+
 def _run_lm_eval(model_dir: Path | Any, tasks: list[str], include_path: Path | None, with_defaults: bool, *,
                  limit, batch_size: int, device: str) -> dict[str, dict[str, float]]:  # fmt: skip
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    _quiet_lm_eval_git()
     tm = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=with_defaults)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
@@ -132,9 +164,12 @@ def _simple_evaluate(lm_eval, model_dir: Path | Any, tasks: list[str], tm, *, li
                                        bootstrap_iters=0)  # fmt: skip
     from lm_eval.models.huggingface import HFLM
 
+    from merging.hf import quiet_transformers
     from merging.loading import LOAD_LOCK
 
-    with LOAD_LOCK:  # lm-eval's "hf" model, built here so that its loading takes its turn (merging.loading)
+    # lm-eval's "hf" model, built here so that its loading takes its turn (merging.loading), without transformers'
+    # per-tensor "Loading weights" bar (lm-eval's own request bars stay)
+    with LOAD_LOCK, quiet_transformers():
         lm = HFLM(pretrained=str(model_dir), dtype="float32", batch_size=batch_size, device=device)
     return lm_eval.simple_evaluate(
         model=lm,
@@ -191,7 +226,7 @@ def evaluate_detailed(
     if not names:
         raise InputError("tasks: none given")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    _make_cache_dir(cache)
     ours = [t for t in names if t in bundled.BUNDLED_TASKS]
     theirs = [t for t in names if t not in bundled.BUNDLED_TASKS]
     data = Path(data_dir).resolve() if data_dir else (default_data_dir(cache) if ours else None)
@@ -221,6 +256,9 @@ def evaluate_detailed(
                 scores[t] = hit
     todo = [t for t in names if t not in scores]
     if todo:
+        from merging.hf import load_tokenizer
+
+        load_tokenizer(model)  # a folder without a usable tokenizer is named in one line, not in lm-eval's traceback
         if not [t for t in todo if t not in bundled.BUNDLED_TASKS]:
             # Local files only: never wait on the network (huggingface_hub and datasets read these at import).
             os.environ["HF_HUB_OFFLINE"] = "1"
