@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from merging.checks import all_finite, check_nan_policy, current_nan_policy
 from merging.config import MergeConfig, load_config
 from merging.errors import ConfigError
 from merging.methods import REGISTRY
 from merging.plan import LAYER_RE, build_plan
+from merging.plan import _method as check_method  # the check `alloy merge` runs, message and all
 
 
 @dataclass
@@ -87,34 +89,46 @@ class _Acc:
 
 
 def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "float32",
-                  model_paths: dict[str, Path] | None = None) -> dict:
+                  model_paths: dict[str, Path] | None = None, nan_policy: str | None = None) -> dict:
     """Task-vector statistics of a config's models against its base, overall and per layer.
 
-    model_paths: model name in the config -> folder (as run_merge takes them)."""
+    model_paths: model name in the config -> folder (as run_merge takes them).
+    nan_policy: a tensor holding NaN/Inf (in the base or a model): "refuse" (the default, as merges do: an
+    InputError naming model and tensor), or "warn": that tensor is left out of the statistics and listed under
+    the report's "nonfinite" (its statistics would all be NaN)."""
     search = []
     if not isinstance(config, MergeConfig):
         search.append(Path(config).resolve().parent)
         config = load_config(config)
+    check_method(config)  # an unknown merge_method is refused as `alloy merge` refuses it, "did you mean" and all
     if config.base_model is None:
         raise ConfigError("base_model: inspect needs a base_model to form task vectors")
+    policy = check_nan_policy(nan_policy) if nan_policy is not None else current_nan_policy()
     # plan as a task-arithmetic merge so every model appears as a task vector against the base, whatever the method
     probe = config.model_copy(update={"merge_method": "task_arithmetic", "parameters": {"weight": 1.0},
                                       "models": [m.model_copy(update={"parameters": None}) for m in config.models or []] or None})
-    plan = build_plan(probe, search_paths=search, dtype=dtype, model_paths=model_paths)
+    plan = build_plan(probe, search_paths=search, dtype=dtype, model_paths=model_paths, nan_policy=policy)
+    if policy == "warn":  # read as they are; non-finite tensors are found and left out below
+        for ck in plan.checkpoints:
+            ck.nan_policy = None
     # the real plan is only read for densities; a method with side inputs (regmean's Gram files) has none, and its
     # files may not exist yet when the pipeline inspects
     spec = REGISTRY.get(config.merge_method)
-    real = (build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths)
+    real = (build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, nan_policy=policy)
             if spec is not None and not spec.side_inputs else None)
     density_of = {t.name: t.per_model.get("density") for t in real.tasks} if real else {}
     names = [str(plan.models[m]) for m, _ in plan.tasks[0].inputs] if plan.tasks else []
     overall = _Acc(len(names))
     layers: dict[int, _Acc] = {}
+    nonfinite: list[str] = []
     for task in plan.tasks:
         if task.base is None:
             continue
         base = plan.checkpoints[task.base[0]].read(task.base[1]).float()
         xs = [plan.checkpoints[m].read(n).float() for m, n in task.inputs]
+        if policy == "warn" and not all(all_finite(t) for t in [base, *xs]):
+            nonfinite.append(task.name)
+            continue
         if task.align is not None:  # a tokenizer policy: rows re-indexed to the output vocabulary first
             xs, base = task.align.apply(xs, base)
         deltas = [x - base for x in xs]
@@ -126,7 +140,8 @@ def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "floa
             layers.setdefault(int(m.group(2)), _Acc(len(names))).add(deltas, dens)
     return {"method": config.merge_method, "base": str(config.base_model), "models": names,
             "overall": overall.summary(names),
-            "layers": {str(k): layers[k].summary(names) for k in sorted(layers)}}
+            "layers": {str(k): layers[k].summary(names) for k in sorted(layers)},
+            **({"nonfinite": nonfinite} if nonfinite else {})}
 
 
 def format_table(report: dict) -> str:
@@ -141,4 +156,8 @@ def format_table(report: dict) -> str:
         lines += ["", "sign conflict per layer (mean over pairs): " + " ".join(
             f"{k}:{sum(p['sign_conflict'] for p in v['pairs'].values()) / max(1, len(v['pairs'])):.2f}"
             for k, v in report["layers"].items())]
+    if report.get("nonfinite"):
+        bad = report["nonfinite"]
+        lines += ["", f"left out (NaN/Inf in the base or a model, --nan-policy warn): {len(bad)} tensor(s): "
+                  + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")]
     return "\n".join(lines)
