@@ -64,10 +64,50 @@ def _sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):])
 
 
+# what MLflow's tracking stores take (mlflow.tracking._tracking_service.utils): databases through SQLAlchemy,
+# tracking servers, Databricks, and folders (file: URIs or plain paths)
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_SCHEMES = (*_DB_SCHEMES, "http", "https", "databricks", "databricks-uc", "uc", "file")
+
+
+def _store_folder(uri: str) -> Path | None:
+    """The folder of a file store (a plain path or file: URI); None for other stores."""
+    from urllib.parse import urlparse
+
+    if uri.split(":")[0] in ("databricks", "databricks-uc", "uc"):  # profile URIs: databricks, databricks://PROFILE
+        return None
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    if not parsed.scheme or len(parsed.scheme) == 1:  # a path (a Windows drive letter reads as a scheme)
+        return Path(uri)
+    return None
+
+
 def _check_store_exists(uri: str) -> None:
+    """An unsupported scheme, or a local store that is not there, refused in one line before MLflow is asked."""
+    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
+    if scheme and scheme not in _SCHEMES:
+        raise InputError(f"MLflow store {uri}: unsupported scheme {scheme!r} (expected sqlite:///FILE, "
+                         "http(s)://HOST, postgresql://, mysql://, mssql://, databricks or a folder)")  # fmt: skip
     f = _sqlite_file(uri)
     if f is not None and str(f) != ":memory:" and not f.is_file():
         raise InputError(f"MLflow store {uri}: {f} does not exist (run the pipeline first: alloy run)")
+    folder = _store_folder(uri)
+    if folder is not None and not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"MLflow store {uri}: {folder} {what} (run the pipeline first: alloy run, or give "
+                         "sqlite:///FILE)")  # fmt: skip
+
+
+def _store_inputs(store: Store, params: str | None) -> list[Path]:
+    """What the report file may not replace or go into: the params file and a local store (database file or
+    folder)."""
+    out = [Path(params or "params.yaml")]
+    f = _sqlite_file(store.tracking_uri)
+    folder = _store_folder(store.tracking_uri)
+    out += [p for p in (f, folder) if p is not None and str(p) != ":memory:"]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ alloy report
@@ -90,14 +130,25 @@ def main(argv: list[str]) -> int:
         os.environ.setdefault(k, v)
     store = resolve_store(args.params, args.tracking_uri, args.experiment)
     _check_store_exists(store.tracking_uri)
-    from alloy.report import latest_pipeline_run, write_report
+    from mlflow.exceptions import MlflowException
 
-    run_id = args.run_id or latest_pipeline_run(store.tracking_uri, store.experiment)
-    if args.out:
-        out = Path(args.out)
-    else:
-        out = (store.results_dir or Path.cwd()) / "reports" / f"{run_id}.html"
-    written = write_report(run_id, store.tracking_uri, out, log_artifact=not args.no_log)
+    from alloy.report import latest_pipeline_run, write_report
+    from merging.guard import check_output_file
+
+    inputs = _store_inputs(store, args.params)
+    if args.out:  # before MLflow is read: the page may not replace the store or the params file
+        check_output_file(args.out, inputs, option="--out")
+    try:
+        run_id = args.run_id or latest_pipeline_run(store.tracking_uri, store.experiment)
+        if args.out:
+            out = Path(args.out)
+        else:
+            out = (store.results_dir or Path.cwd()) / "reports" / f"{run_id}.html"
+            check_output_file(out, inputs, option="report")
+        written = write_report(run_id, store.tracking_uri, out, log_artifact=not args.no_log)
+    except MlflowException as e:
+        msg = " ".join(str(e).split())
+        raise InputError(f"MLflow store {store.tracking_uri}: {msg if len(msg) <= 700 else msg[:700] + ' ...'}") from None
     print(f"report: {written}")
     if not args.no_log:
         print(f"logged as report.html on run {run_id} in {store.tracking_uri}")

@@ -291,3 +291,30 @@ def test_cli_report_reads_params_and_errors_in_one_line(store, tmp_path, capsys)
     assert "'no-such'" in capsys.readouterr().err
     assert cli.main(["report", "0" * 32, "--tracking-uri", store["uri"]]) == 2
     assert "0" * 32 in capsys.readouterr().err
+
+
+def test_cli_report_bad_stores_and_outputs_in_one_line(store, tmp_path, capsys):
+    def one_line() -> str:
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("alloy: error:") and "\n" not in err, err
+        return err
+
+    assert cli.main(["report", "--tracking-uri", "foo://bar"]) == 2
+    assert "unsupported scheme 'foo'" in one_line()
+    assert cli.main(["report", "--tracking-uri", "/nonexistent/dir"]) == 2
+    assert "/nonexistent/dir does not exist" in one_line()
+    (tmp_path / "a_file").write_text("x")
+    assert cli.main(["report", "--tracking-uri", f"file://{tmp_path / 'a_file'}"]) == 2
+    assert "is not a folder" in one_line()
+
+    # the page may not replace the store (or go where it cannot be written), refused before MLflow is read
+    db = Path(store["uri"].removeprefix("sqlite:///"))
+    before = db.stat().st_size, db.stat().st_mtime_ns
+    assert cli.main(["report", store["parent"], "--tracking-uri", store["uri"], "--out", str(db), "--no-log"]) == 2
+    assert "is an input of this command" in one_line()
+    assert (db.stat().st_size, db.stat().st_mtime_ns) == before
+    assert cli.main(["report", store["parent"], "--tracking-uri", store["uri"], "--out", str(tmp_path), "--no-log"]) == 2
+    assert "is a folder" in one_line()
+    out = tmp_path / "a_file" / "r.html"
+    assert cli.main(["report", store["parent"], "--tracking-uri", store["uri"], "--out", str(out), "--no-log"]) == 2
+    assert "is a file, not a folder" in one_line()
