@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from merging.errors import ConfigError, InputError, OutputError
+from merging.guard import check_output_folder
 from merging.hashing import file_sha256
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -314,6 +315,30 @@ def _cached(out: Path, sha: str, dtype: str) -> dict | None:
     return manifest
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove `.OUT.importing-PID` / `.OUT.replaced-PID` folders left by imports into `out` that were killed: those
+    whose process is gone. A live process's folder (another import running now) is left alone."""
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(importing|replaced)-(\d+)")
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process's own leftover (an earlier import in it that failed past its cleanup)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _load_gguf(path: Path):
     """(model in float32, tokenizer) exactly as transformers dequantises them."""
     import torch
@@ -446,7 +471,11 @@ def import_gguf(source: Source, out_dir: str | os.PathLike, *, dtype: str = "bfl
         return ImportResult(out, src_text, sha, cached["gguf"]["file_type"], dtype, cached["n_params"],
                             time.perf_counter() - t0, True, cached)  # fmt: skip
     if out.exists() and not overwrite:
-        raise OutputError(f"{out}: exists and is not an import of {path.name} in {dtype} (pass overwrite to replace it)")
+        raise OutputError(f"{out}: exists and is not an import of {path.name} in {dtype} (pass --overwrite to "
+                          "replace it)")  # fmt: skip
+    # --overwrite replaces out whole: never when it is or holds the GGUF file (or lies inside its package's folder)
+    check_output_folder(out, [path])
+    _remove_stale_temporaries(out)
 
     info = read_gguf_info(path)
     _check_architecture(path, info.architecture)

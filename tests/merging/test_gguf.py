@@ -220,3 +220,55 @@ def test_failure_during_conversion_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(AlloyError, match="half-way"):
         import_gguf(REF, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_never_replaces_the_folder_holding_the_source(tmp_path, gguf_path, capsys):
+    from alloy.cli import main
+
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    src = folder / "model.gguf"
+    shutil.copy(gguf_path, src)
+    (folder / "notes.txt").write_text("mine")
+    for out in (folder, src):
+        assert main(["import-gguf", str(src), str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "the input" in err and str(src) in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["model.gguf", "notes.txt"]
+    assert src.stat().st_size == gguf_path.stat().st_size and (folder / "notes.txt").read_text() == "mine"
+    # without --overwrite the refusal names the flag as it is spelt on the command line
+    assert main(["import-gguf", str(src), str(folder)]) == 2
+    assert "(pass --overwrite to replace it)" in capsys.readouterr().err
+
+
+def _dead_pid() -> int:
+    import os
+
+    pid = 2**22 - 7
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+def test_temporaries_of_killed_imports_are_cleaned(tmp_path):
+    import os
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(64))  # fails after the clean-up, before any conversion
+    out = tmp_path / "out"
+    stale = tmp_path / f".out.importing-{_dead_pid()}"
+    stale_replaced = tmp_path / f".out.replaced-{_dead_pid()}"
+    live = tmp_path / f".out.importing-{os.getppid()}"  # another import, still running
+    other = tmp_path / f".other.importing-{_dead_pid()}"  # another output's: not ours to judge
+    for d in (stale, stale_replaced, live, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    with pytest.raises(InputError):
+        import_gguf(bad, out)
+    assert not stale.exists() and not stale_replaced.exists()
+    assert live.is_dir() and other.is_dir()
