@@ -72,6 +72,8 @@ class ModelRef(BaseModel):
                 raise ValueError(f"LoRA model references ({v!r}) are not supported: merge the adapter into full weights first")
             path, _, rev = v.partition("@")
             return {"path": path, "revision": rev or None}
+        if isinstance(v, dict) and v.get("lora") is not None:  # mergekit's dict form of `base+adapter`
+            raise ValueError(f"LoRA model references ({v!r}) are not supported: merge the adapter into full weights first")
         if isinstance(v, dict) and "model" in v and "path" not in v:
             inner = v["model"]
             if isinstance(inner, dict):

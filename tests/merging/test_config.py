@@ -68,3 +68,11 @@ def test_filters_first_match_wins_and_fall_through():
     assert p.get("density", "model.layers.0.self_attn.q_proj.weight", 0, a) == 0.3  # no filter match: falls through
     assert p.get("weight", "model.layers.0.self_attn.q_proj.weight", 0, a) == 2.0
     assert p.get("weight", "model.norm.weight", 0, a) == 1.0
+
+
+def test_lora_in_dict_form_is_refused_not_dropped():
+    from merging.config import parse_config
+    from merging.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="models\\[0\\].model: LoRA model references"):
+        parse_config({"merge_method": "linear", "models": [{"model": {"model": {"path": "a"}, "lora": {"path": "b"}}}]})
