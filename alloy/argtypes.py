@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 
 
 def positive_int(text: str) -> int:
@@ -19,6 +18,8 @@ def positive_int(text: str) -> int:
 
 def device(text: str) -> str:
     """cpu, cuda or cuda:N (whether that GPU is there is checked when the command starts)."""
-    if text != "cpu" and not re.fullmatch(r"cuda(:\d+)?", text):
+    from merging.engine import DEVICE_RE  # merge's own rule, one pattern for every command
+
+    if not DEVICE_RE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
     return text

@@ -228,9 +228,12 @@ def _task_bytes(plan: Plan, task: TensorTask) -> int:
         sum(plan.side_files[i].checkpoint.info(n).nbytes for i, n in side)
 
 
+DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")  # the --device values every command takes
+
+
 def check_device(device: str) -> None:
     """cpu, cuda or cuda:N (a GPU that is there), refused in one line before anything is read or written."""
-    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+    if not DEVICE_RE.fullmatch(device):
         raise ConfigError(f"--device {device!r}: expected cpu, cuda or cuda:N")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
