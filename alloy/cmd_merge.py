@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nan-policy", default="refuse", choices=["refuse", "warn"],
                    help="an input tensor holding NaN or Inf: refuse the merge (default), or warn and merge it anyway "
                         "(recorded in alloy_manifest.json)")
+    p.add_argument("--lora-merge-cache", default=None, metavar="DIR",
+                   help="where `base+adapter` models are merged into full checkpoints once and reused "
+                        "(default: ~/.cache/alloy/lora, or $XDG_CACHE_HOME/alloy/lora)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -61,7 +64,8 @@ def main(argv: list[str]) -> int:
         result = run_merge(args.config, args.out_dir, seed=args.seed, device=args.device,
                            shard_size=parse_size(args.shard_size), dtype=args.dtype, resume=args.resume,
                            overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
-                           allow_pickle=args.allow_pickle, tie_break=args.tie_break, nan_policy=args.nan_policy)
+                           allow_pickle=args.allow_pickle, tie_break=args.tie_break, nan_policy=args.nan_policy,
+                           lora_cache=args.lora_merge_cache)
     except KeyboardInterrupt:
         tmp = partial_folder(Path(args.out_dir).absolute())
         if tmp.exists():

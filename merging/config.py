@@ -57,8 +57,16 @@ def _coerce_parameters(params: Any) -> Any:
 Parameters = Annotated[dict[str, ParameterSetting], BeforeValidator(_coerce_parameters)]
 
 
-class ModelRef(BaseModel):
-    """A model: a local folder or a hub id, optionally at a revision (`id@rev` or {path, revision})."""
+def _path_at(text: str, what: str) -> dict:
+    """`path@revision`, as mergekit's ModelPath reads it: one `@` at most."""
+    if text.count("@") > 1:
+        raise ValueError(f"{what} {text!r} has more than one '@' (write path@revision)")
+    path, _, rev = text.partition("@")
+    return {"path": path, "revision": rev or None}
+
+
+class AdapterRef(BaseModel):
+    """A PEFT LoRA adapter: a local folder or a hub id, optionally at a revision."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str
@@ -67,22 +75,50 @@ class ModelRef(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _parse(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            if "+" in v:
-                raise ValueError(f"LoRA model references ({v!r}) are not supported: merge the adapter into full weights first")
-            path, _, rev = v.partition("@")
-            return {"path": path, "revision": rev or None}
-        if isinstance(v, dict) and v.get("lora") is not None:  # mergekit's dict form of `base+adapter`
-            raise ValueError(f"LoRA model references ({v!r}) are not supported: merge the adapter into full weights first")
-        if isinstance(v, dict) and "model" in v and "path" not in v:
-            inner = v["model"]
-            if isinstance(inner, dict):
-                return {"path": inner.get("path"), "revision": inner.get("revision")}
-            return {"path": inner}
-        return v
+        return _path_at(v, "LoRA adapter") if isinstance(v, str) else v
 
     def __str__(self) -> str:
         return self.path + (f"@{self.revision}" if self.revision else "")
+
+
+class ModelRef(BaseModel):
+    """A model: a local folder or a hub id, optionally at a revision (`id@rev` or {path, revision}), optionally with a
+    LoRA adapter merged into it first (`base+adapter`, or mergekit's {model: ..., lora: ...})."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    revision: Optional[str] = None
+    lora: Optional[AdapterRef] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            chunks = v.split("+")
+            if len(chunks) > 2:
+                raise ValueError(f"model {v!r} has more than one '+' (write base+adapter)")
+            return {**_path_at(chunks[0], "model"), "lora": chunks[1] if len(chunks) == 2 else None}
+        if isinstance(v, dict) and "model" in v and "path" not in v:  # mergekit's ModelReference written out
+            if v.get("override_architecture") is not None:
+                raise ValueError("override_architecture is not supported: alloy takes each model's architecture "
+                                 "from its config.json")
+            extra = sorted(set(v) - {"model", "lora", "override_architecture"})
+            if extra:
+                raise ValueError(f"unknown key(s) {extra} in a model reference (allowed: model, lora)")
+            inner = v["model"]
+            base = _path_at(inner, "model") if isinstance(inner, str) else inner
+            if not isinstance(base, dict):
+                raise ValueError(f"model: expected a path or {{path, revision}}, got {inner!r}")
+            return {**base, "lora": v.get("lora")}
+        return v
+
+    @property
+    def base(self) -> "ModelRef":
+        """The model without its adapter."""
+        return ModelRef(path=self.path, revision=self.revision)
+
+    def __str__(self) -> str:
+        return self.path + (f"@{self.revision}" if self.revision else "") + (f"+{self.lora}" if self.lora else "")
 
 
 class InputModel(BaseModel):
@@ -214,8 +250,10 @@ class MergeConfig(BaseModel):
 def _plain(obj: Any) -> Any:
     """model_dump turns ModelRef into {path, revision}; write it back the way users write it."""
     if isinstance(obj, dict):
-        if set(obj) <= {"path", "revision"} and "path" in obj:
-            return obj["path"] + (f"@{obj['revision']}" if obj.get("revision") else "")
+        if set(obj) <= {"path", "revision", "lora"} and "path" in obj:
+            lora = obj.get("lora")
+            return (obj["path"] + (f"@{obj['revision']}" if obj.get("revision") else "")
+                    + (f"+{_plain(lora)}" if lora else ""))
         if obj.get("kind") == "model" and set(obj) == {"kind", "model"}:  # a token's source written as the model
             return _plain(obj["model"])
         return {k: _plain(v) for k, v in obj.items()}
@@ -235,7 +273,8 @@ def _loc(loc: tuple) -> str:
         elif part in ("function-after[_parse(), ModelRef]",) or "[" in str(part) or str(part).startswith(("str", "float", "int", "bool", "list", "function", "ConditionalParameter", "tuple", "literal")):
             continue  # pydantic's union branch labels are noise to a user
         else:
-            out += ("." if out else "") + str(part)
+            text = str(part)  # a key with spaces or control characters is quoted, so the message stays one line
+            out += ("." if out else "") + (text if text.isprintable() and " " not in text else repr(text))
     return out or "(top level)"
 
 

@@ -16,6 +16,7 @@ import yaml
 from merging.config import ModelRef
 from merging.errors import ConfigError, InputError
 from merging.hashing import file_sha256
+from merging.lora import MANIFEST as LORA_MANIFEST
 from merging.io import ShardLayout, model_file
 from merging.plan import Plan
 from merging.tokenizer import CHAT_TEMPLATES, save_tokenizer
@@ -53,6 +54,10 @@ def output_config(plan: Plan) -> dict:
         if isinstance(cfg.get("layer_types"), list):  # newer transformers configs list one type per layer
             types = cfg["layer_types"]
             cfg["layer_types"] = [types[min(i, len(types) - 1)] for i in range(plan.num_layers)]
+    if plan.untied:  # a tied config over a checkpoint with its own lm_head: transformers would drop that head
+        if isinstance(cfg.get("text_config"), dict) and "tie_word_embeddings" in cfg["text_config"]:
+            cfg["text_config"] = {**cfg["text_config"], "tie_word_embeddings": False}
+        cfg["tie_word_embeddings"] = False
     if plan.vocab is not None:  # a tokenizer policy sets the vocabulary (mergekit writes it whatever the policy)
         if "vocab_size" not in cfg and isinstance(cfg.get("text_config"), dict):
             cfg["text_config"] = {**cfg["text_config"], "vocab_size": plan.vocab.rows}
@@ -224,8 +229,10 @@ def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict
     (out / "README.md").write_text(model_card(plan, extra_card))
     inputs = []
     for ref, ck in zip(plan.models, plan.checkpoints):
-        inputs.append({"model": str(ref), "revision": ref.revision,
-                       "files": {f.name: file_sha256(f) for f in ck.files()}})
+        entry = {"model": str(ref), "revision": ref.revision, "files": {f.name: file_sha256(f) for f in ck.files()}}
+        if str(ref) in plan.adapters:  # the files above are the merged cache folder's; say what it was made from
+            entry["lora"] = json.loads((ck.path / LORA_MANIFEST).read_text())
+        inputs.append(entry)
     manifest = {
         "format": "alloy-manifest/1",
         "merge_method": plan.config.merge_method,

@@ -7,6 +7,7 @@ the end, a parameter the method does not take) is found here, before any tensor 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     vocab: Optional[OutputVocab] = None  # the output vocabulary when a tokenizer policy re-aligns embeddings
     side_files: list["SideFile"] = field(default_factory=list)  # statistics files a method reads beside the models
+    adapters: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # `base+adapter` key -> (base, adapter folders)
+    untied: bool = False  # the template is tied, but the output has an lm_head (another model had one)
 
     @property
     def bytes_in(self) -> int:
@@ -106,6 +109,28 @@ def resolve_model_path(ref: ModelRef, search: list[Path]) -> Path:
         if (root / p).exists():
             return root / p
     return p
+
+
+def default_lora_cache() -> Path:
+    """Where `base+adapter` models are merged once and kept (mergekit's --lora-merge-cache)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "alloy" / "lora"
+
+
+def _local_folder(ref: Any, what: str, search: list[Path], model_paths: dict[str, Path] | None) -> Path:
+    """A model or adapter reference as a local folder: mapped by the caller, found locally, or fetched from the hub."""
+    key = str(ref)
+    path = Path((model_paths or {}).get(key) or resolve_model_path(ref, search))
+    if not path.exists() and looks_like_hub_id(ref.path):
+        from merging.hub import fetch
+
+        try:
+            path, _ = fetch(ref.path, ref.revision)
+        except ValueError as e:  # huggingface_hub's id validation: `org/..` is neither a folder nor a repo
+            raise InputError(f"{what} {key!r}: not a local folder, and not a valid hub id ({e})") from None
+    if not path.exists():
+        raise InputError(f"{what} {key!r}: path {path} does not exist")
+    return path
 
 
 def num_layers_of(ckpt: Checkpoint) -> int:
@@ -189,11 +214,12 @@ class _Params:
 
 def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, dtype: str | None = None,
                model_paths: dict[str, Path] | None = None, allow_pickle: bool = False,
-               nan_policy: str | None = None) -> Plan:
+               nan_policy: str | None = None, lora_cache: str | Path | None = None) -> Plan:
     """Resolve models, read their headers, and lay out every output tensor with its inputs and parameters.
 
     nan_policy: what reading a NaN/Inf input tensor does later, "refuse" or "warn" (default: the policy of the
     enclosing merging.checks.nan_policy context, itself "refuse").
+    lora_cache: where `base+adapter` references are merged into full checkpoints (default: default_lora_cache()).
     """
     spec = _method(config)
     _check_parameter_names(config, spec)
@@ -203,18 +229,18 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     search = [Path.cwd()] + list(search_paths or [])
     refs = config.referenced_models()
     ckpts: dict[str, Checkpoint] = {}
+    adapters: dict[str, tuple[Path, Path]] = {}
     for ref in refs:
         key = str(ref)
-        path = (model_paths or {}).get(key) or resolve_model_path(ref, search)
-        if not Path(path).exists() and looks_like_hub_id(ref.path):
-            from merging.hub import fetch
+        path = (model_paths or {}).get(key)
+        if path is None:
+            path = _local_folder(ref.base, "model", search, model_paths)
+            if ref.lora is not None:
+                from merging.lora import materialize_lora
 
-            try:
-                path, _ = fetch(ref.path, ref.revision)
-            except ValueError as e:  # huggingface_hub's id validation: `org/..` is neither a folder nor a repo
-                raise InputError(f"model {key!r}: not a local folder, and not a valid hub id ({e})") from None
-        if not Path(path).exists():
-            raise InputError(f"model {key!r}: path {path} does not exist")
+                adapter = _local_folder(ref.lora, "LoRA adapter", search, model_paths)
+                adapters[key] = (path, adapter)
+                path = materialize_lora(path, adapter, Path(lora_cache) if lora_cache else default_lora_cache())
         ckpts[key] = Checkpoint(path, allow_pickle=allow_pickle, nan_policy=policy)
     layers = {k: num_layers_of(c) for k, c in ckpts.items()}
     models = refs
@@ -352,6 +378,27 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     def sources_for(sl: OutputSlice) -> list[ModelRef]:
         return [s.model for s in sl.sources]
 
+    # tied and untied checkpoints of one family mixed (a fine-tune saved with its own lm_head): as mergekit does,
+    # the output has the head when any model has one, and a tied model gives its embedding matrix in its place
+    tied_alias: dict[tuple[str, str], str] = {}
+    heads = {n for m in sources_for(last) for n in ckpts[str(m)].tensors
+             if _split(n) is None and any(h in n for h in OUTPUT_HEADS)}
+    for head in sorted(heads):
+        donor = next(ckpts[str(m)] for m in sources_for(last) if head in ckpts[str(m)])
+        for m in sources_for(last):
+            if head not in ckpts[str(m)]:
+                ck = ckpts[str(m)]
+                alias = _tied_embedding(ck, donor.info(head).shape)
+                if alias is None:
+                    has = next(x for x in sources_for(last) if head in ckpts[str(x)])
+                    why = ("though its config says tie_word_embeddings: false" if _says_untied(ck)
+                           else "and no tied embedding of its shape to stand for it")
+                    raise InputError(f"model {m}: has no {head!r} {why}, while {has} has one ({ck.path}); merged "
+                                     "models need the same tensors (a partial checkpoint?)")
+                tied_alias[(str(m), head)] = alias
+        if head not in post:
+            post.append(head)
+
     template_ref = models[template]
     for m in sources_for(first):
         _check_no_extra(m, ckpts[str(m)], [n for n in ckpts[str(m)].tensors if _split(n) is None and n not in post],
@@ -400,11 +447,30 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
 
     for n in post:
         # mergekit 0.1.5 evaluates gradients at t=0 for every non-layer tensor, the final norm and lm_head too
-        add(n, [(m, n) for m in sources_for(last)], _Params(config, last), 0.0, last.base_model or base)
+        add(n, [(m, tied_alias.get((str(m), n), n)) for m in sources_for(last)], _Params(config, last), 0.0,
+            last.base_model or base)
 
     total_layers = out_layer if any(_split(n) for n in template_ck.tensors) else None
+    untied = any(any(h in n for h in OUTPUT_HEADS) for n in post) and not any(
+        any(h in n for h in OUTPUT_HEADS) for n in template_ck.tensors)
     return Plan(config, models, checkpoints, tasks, index[str(base)] if base is not None else None,
-                total_layers, template, notes=list(vocab.notes) if vocab else [], vocab=vocab, side_files=side_files)
+                total_layers, template, untied=untied, notes=list(vocab.notes) if vocab else [], vocab=vocab, side_files=side_files,
+                adapters=adapters)
+
+
+def _says_untied(ck: Checkpoint) -> bool:
+    text = ck.config.get("text_config")
+    return ck.config.get("tie_word_embeddings") is False or (isinstance(text, dict)
+                                                              and text.get("tie_word_embeddings") is False)
+
+
+def _tied_embedding(ck: Checkpoint, shape: tuple[int, ...]) -> Optional[str]:
+    """The input embedding a tied checkpoint uses as its output head: refused when its config says it is untied."""
+    if _says_untied(ck):
+        return None
+    found = [n for n in ck.tensors if _split(n) is None and any(h in n for h in PRE_HINTS)
+             and not any(h in n for h in OUTPUT_HEADS) and tuple(ck.info(n).shape) == tuple(shape)]
+    return found[0] if len(found) == 1 else None
 
 
 def _check_no_extra(ref: ModelRef, ck: Checkpoint, names: list[str], expected: set[str], template: ModelRef,

@@ -30,7 +30,11 @@ def test_mergekit_examples_parse_unchanged():
     ({"merge_method": "ties", "models": [{"model": "a"}], "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}]}, "exactly one of"),
     ({"merge_method": "ties", "models": [{"model": "a"}], "dtype": "float8"}, "dtype"),
     ({"models": [{"model": "a"}]}, "merge_method"),
-    ({"merge_method": "linear", "models": [{"model": "a+lora"}]}, "LoRA"),
+    ({"merge_method": "linear", "models": [{"model": "a+b+c"}]}, "models[0].model: model 'a+b+c' has more than one '+'"),
+    ({"merge_method": "linear", "models": [{"model": "a@1@2"}]}, "models[0].model: model 'a@1@2' has more than one '@'"),
+    ({"merge_method": "linear", "models": [{"model": {"model": "a", "override_architecture": "X"}}]},
+     "models[0].model: override_architecture is not supported"),
+    ({"merge_method": "linear", "models": [{"model": {"model": "a", "lroa": "b"}}]}, "unknown key(s) ['lroa']"),
 ])
 def test_errors_name_the_key(data, where):
     with pytest.raises(ConfigError) as info:
@@ -70,9 +74,16 @@ def test_filters_first_match_wins_and_fall_through():
     assert p.get("weight", "model.norm.weight", 0, a) == 1.0
 
 
-def test_lora_in_dict_form_is_refused_not_dropped():
-    from merging.config import parse_config
-    from merging.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="models\\[0\\].model: LoRA model references"):
-        parse_config({"merge_method": "linear", "models": [{"model": {"model": {"path": "a"}, "lora": {"path": "b"}}}]})
+@pytest.mark.parametrize("ref", [
+    "a@r1+ad@r2",
+    {"model": "a@r1", "lora": "ad@r2"},
+    {"model": {"path": "a", "revision": "r1"}, "lora": {"path": "ad", "revision": "r2"}},  # mergekit's dump
+])
+def test_lora_references_in_every_mergekit_spelling(ref):
+    cfg = parse_config({"merge_method": "linear", "models": [{"model": ref}, {"model": "b"}]})
+    m = cfg.models[0].model
+    assert (m.path, m.revision, m.lora.path, m.lora.revision) == ("a", "r1", "ad", "r2")
+    assert str(m) == "a@r1+ad@r2" and str(m.base) == "a@r1"
+    assert [str(r) for r in cfg.referenced_models()] == ["a@r1+ad@r2", "b"]
+    again = parse_config(__import__("yaml").safe_load(cfg.to_yaml()))  # written back as `a@r1+ad@r2`
+    assert again == cfg and "a@r1+ad@r2" in cfg.to_yaml()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import warnings
@@ -12,7 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from merging.errors import InputError
+from merging.config import parse_config
+from merging.errors import InputError, OutputError
 from merging.lora import MANIFEST, materialize_lora
 
 pytest.importorskip("peft")
@@ -302,3 +304,84 @@ def test_matches_mergekit_lora_merge_cache(family_fp32, tmp_path):
     assert set(mk) == set(got) and all(torch.equal(mk[k], got[k]) for k in got)
     merged_ours = run(str(ours), tmp_path / "ours-out")
     assert set(merged_ours) == set(merged_mk) and all(torch.equal(merged_ours[k], merged_mk[k]) for k in merged_mk)
+
+    # the same YAML through alloy end to end: `base+adapter` resolved, merged into --lora-merge-cache, then merged
+    from merging.engine import run_merge
+
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 0.7}},
+                      {"model": str(other), "parameters": {"weight": 0.3}}]}
+    alloy_out = tmp_path / "alloy-out"
+    run_merge(parse_config(cfg), alloy_out, progress=False, lora_cache=tmp_path / "alloy-cache")
+    got = read_folder(alloy_out)
+    assert set(got) == set(merged_mk) and all(torch.equal(got[k], merged_mk[k]) for k in merged_mk)
+    manifest = json.loads((alloy_out / "alloy_manifest.json").read_text())
+    entry = manifest["inputs"][0]
+    assert entry["model"] == f"{base}+{adapter}" and entry["lora"]["adapter"] == str(adapter.resolve())
+    assert entry["lora"]["adapter_weights_sha256"] == hashlib.sha256(
+        (adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def _write_config(tmp_path: Path, models: list[str], name: str = "cfg.yml") -> Path:
+    import yaml
+
+    cfg = tmp_path / name
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32",
+                                   "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models]}))
+    return cfg
+
+
+def test_cli_merges_lora_reference_once_into_its_cache(family_fp32, tmp_path):
+    """`alloy merge` with a `base+adapter` model and --lora-merge-cache: the adapter is merged once, a second merge
+    reuses the cache folder untouched; the merge equals the one made from the merged folder given directly."""
+    from alloy.cmd_merge import main
+
+    base, other = family_fp32["base"], family_fp32["ft1"]
+    adapter = make_adapter(base, tmp_path / "adapter")
+    cache = tmp_path / "lora-cache"
+    cfg = _write_config(tmp_path, [f"{base}+{adapter}", str(other)])
+    assert main([str(cfg), str(tmp_path / "out1"), "--lora-merge-cache", str(cache), "--no-progress"]) == 0
+    (folder,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert main([str(cfg), str(tmp_path / "out2"), "--lora-merge-cache", str(cache), "--no-progress"]) == 0
+    assert [p for p in cache.iterdir() if not p.name.startswith(".")] == [folder]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    direct = _write_config(tmp_path, [str(folder), str(other)], "direct.yml")
+    assert main([str(direct), str(tmp_path / "out3"), "--no-progress"]) == 0
+    a, b = read_folder(tmp_path / "out2"), read_folder(tmp_path / "out3")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"],
+                           read_folder(_write_and_merge(tmp_path, base, other))["model.layers.0.self_attn.q_proj.weight"])
+
+
+def _write_and_merge(tmp_path: Path, base: Path, other: Path) -> Path:
+    """The same merge without the adapter (to show the adapter changed something)."""
+    from merging.engine import run_merge
+
+    out = tmp_path / "no-adapter"
+    run_merge(_write_config(tmp_path, [str(base), str(other)], "plain.yml"), out, progress=False)
+    return out
+
+
+def test_missing_adapter_is_one_line_error_and_no_output(family_fp32, tmp_path, capsys):
+    from alloy.cli import main as cli
+
+    base, other = family_fp32["base"], family_fp32["ft1"]
+    cfg = _write_config(tmp_path, [f"{base}+{tmp_path / 'no-such-adapter'}", str(other)])
+    rc = cli(["merge", str(cfg), str(tmp_path / "out"), "--lora-merge-cache", str(tmp_path / "c"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "\n" not in err and "LoRA adapter" in err and "no-such-adapter" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
+
+
+def test_output_inside_the_adapter_is_refused(family_fp32, tmp_path):
+    from merging.engine import run_merge
+
+    base, other = family_fp32["base"], family_fp32["ft1"]
+    adapter = make_adapter(base, tmp_path / "adapter")
+    cfg = parse_config({"merge_method": "linear", "parameters": {"weight": 1.0},
+                        "models": [{"model": f"{base}+{adapter}"}, {"model": str(other)}]})
+    before = sorted(p.name for p in adapter.iterdir())
+    with pytest.raises(OutputError, match="adapter"):
+        run_merge(cfg, adapter, overwrite=True, progress=False, lora_cache=tmp_path / "c")
+    assert sorted(p.name for p in adapter.iterdir()) == before

@@ -136,3 +136,69 @@ def test_dtype_names_mergekit_takes(family_fp32, tmp_path, dtype):
     assert {t.dtype for t in ours.values()} == {want}
     assert_same(ours, theirs, want)
     assert json.loads((tmp_path / "alloy" / "config.json").read_text())["torch_dtype"] == dtype.removeprefix("torch.")
+
+
+@pytest.fixture(scope="module")
+def tied_and_untied(tmp_path_factory):
+    """A tied base (no lm_head) and fine-tunes of it saved untied (their own lm_head), as trainers often save them."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from family import llama_shapes, tiny_config, write_model
+
+    root = tmp_path_factory.mktemp("tied")
+    g = torch.Generator().manual_seed(7)
+    tied_cfg = tiny_config(tie=True)
+    base = {n: 0.05 * torch.randn(s, generator=g) for n, s in llama_shapes(tied_cfg).items()}
+    out = {"tied": write_model(root / "tied", base, tied_cfg)}
+    for k in range(2):
+        ft = {n: t + 0.02 * torch.randn(t.shape, generator=g) for n, t in base.items()}
+        ft["lm_head.weight"] = base["model.embed_tokens.weight"] + 0.02 * torch.randn(base["model.embed_tokens.weight"].shape, generator=g)
+        out[f"untied{k}"] = write_model(root / f"untied{k}", ft, tiny_config(tie=False))
+    return out
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+@pytest.mark.parametrize("template", ["tied", "untied0"])
+def test_tied_and_untied_checkpoints_mix_as_in_mergekit(tied_and_untied, tmp_path, method, template):
+    """The output has an lm_head when any model has one; a tied model gives its embedding in its place (mergekit's
+    tied_names). Unlike mergekit, alloy's config.json then says tie_word_embeddings: false, or transformers would
+    tie the head back to the embedding and drop it."""
+    t, u0, u1 = (str(tied_and_untied[k]) for k in ("tied", "untied0", "untied1"))
+    others = [m for m in (t, u0, u1) if m != str(tied_and_untied[template])]
+    if method == "linear":
+        cfg = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": w}}
+                                                    for m, w in zip([str(tied_and_untied[template])] + others, [0.5, 0.3, 0.2])]}
+    else:
+        cfg = {"merge_method": "ties", "base_model": str(tied_and_untied[template]), "parameters": {"density": 0.5},
+               "models": [{"model": m, "parameters": {"weight": 0.5}} for m in others]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    run_merge(tmp_path / "c.yml", tmp_path / "alloy", progress=False, tie_break="torch")
+    run_mergekit(cfg, tmp_path / "mk")
+    ours = load_dir(tmp_path / "alloy")
+    assert "lm_head.weight" in ours
+    assert_same(ours, load_dir(tmp_path / "mk"), torch.float32)
+    assert json.loads((tmp_path / "alloy" / "config.json").read_text())["tie_word_embeddings"] is False
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "alloy"))
+    assert torch.equal(model.lm_head.weight.detach(), ours["lm_head.weight"])
+
+
+def test_untied_model_without_its_head_is_refused(tied_and_untied, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from merging.errors import InputError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tied_and_untied["untied1"], broken)
+    sd = load_file(broken / "model.safetensors")
+    del sd["lm_head.weight"]
+    save_file(sd, broken / "model.safetensors", metadata={"format": "pt"})
+    cfg = {"merge_method": "linear", "parameters": {"weight": 1.0},
+           "models": [{"model": str(tied_and_untied["untied0"])}, {"model": str(broken)}]}
+    with pytest.raises(InputError, match="broken: has no .lm_head.weight. though its config says tie_word_embeddings: false"):
+        run_merge(__import__("merging.config", fromlist=["x"]).parse_config(cfg), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
