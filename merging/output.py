@@ -18,6 +18,7 @@ from merging.errors import ConfigError, InputError
 from merging.hashing import file_sha256
 from merging.lora import MANIFEST as LORA_MANIFEST
 from merging.io import ShardLayout, model_file
+from merging.methods import REGISTRY
 from merging.plan import Plan
 from merging.tokenizer import CHAT_TEMPLATES, save_tokenizer
 
@@ -194,7 +195,7 @@ def _input_card_facts(plan: Plan) -> tuple[set[str], list[str]]:
     return licences, list(dict.fromkeys(bases))
 
 
-def model_card(plan: Plan, extra: dict | None) -> str:
+def model_card(plan: Plan, extra: dict | None, seed: int = 0) -> str:
     licences, upstream = _input_card_facts(plan)
     front: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "alloy", plan.config.merge_method]}
     if len(licences) == 1:
@@ -202,11 +203,18 @@ def model_card(plan: Plan, extra: dict | None) -> str:
     elif licences:
         front["license"] = "other"
     front["base_model"] = upstream + [str(m) for m in plan.models if str(m) not in upstream]
+    method = plan.config.merge_method
+    spec = REGISTRY.get(method)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", "# Merged model", "",
-             f"Made with [alloy](https://github.com/) using the **{plan.config.merge_method}** merge method.", ""]
-    if plan.config.base_model is not None:
-        lines += [f"Base model: `{plan.config.base_model}`.", ""]
-    lines += ["## Models merged", ""] + [f"- `{m}`" for m in plan.models] + [""]
+             f"Made with alloy using the **{method}** merge method"
+             + (f" ({spec.paper})." if spec is not None and spec.paper else "."), ""]
+    if plan.base_index is not None:
+        lines += [f"Base model: `{plan.models[plan.base_index]}`.", ""]
+    if spec is not None and spec.seeded:  # the draws are part of the recipe: the same seed rebuilds the same bytes
+        lines += [f"Random seed: {seed} (`alloy merge --seed {seed}` on the same device draws the same; the "
+                  "manifest, `alloy_manifest.json`, records the device and kernels).", ""]
+    merged = [m for i, m in enumerate(plan.models) if i != plan.base_index]
+    lines += ["## Models merged", ""] + [f"- `{m}`" for m in merged] + [""]
     if upstream:
         lines += ["## Upstream", "", "Built on " + ", ".join(f"`{b}`" for b in upstream)
                   + (f", licensed {', '.join(sorted(licences))}." if licences else "."), ""]
@@ -226,7 +234,7 @@ def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict
     if template.is_dir() and (gen := model_file(template, "generation_config.json")):
         shutil.copyfile(gen, out / "generation_config.json")
     tokenizer_files = copy_tokenizer(plan, out)
-    (out / "README.md").write_text(model_card(plan, extra_card))
+    (out / "README.md").write_text(model_card(plan, extra_card, seed))
     inputs = []
     for ref, ck in zip(plan.models, plan.checkpoints):
         entry = {"model": str(ref), "revision": ref.revision, "files": {f.name: file_sha256(f) for f in ck.files()}}

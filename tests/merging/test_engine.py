@@ -436,3 +436,19 @@ def test_model_card_licence_is_case_folded(family_fp32, tmp_path, declared, expe
     run_merge(write_cfg(tmp_path, cfg), tmp_path / "out", progress=False)
     card = (tmp_path / "out" / "README.md").read_text()
     assert expected in card.split("---")[1]
+
+
+def test_model_card_cites_the_method_and_its_seed(family_fp32, tmp_path):
+    cfg = {"merge_method": "dare_ties", "base_model": str(family_fp32["base"]),
+           "models": [{"model": str(family_fp32[k]), "parameters": {"weight": 0.5, "density": 0.5}}
+                      for k in ("ft0", "ft1")]}
+    run_merge(write_cfg(tmp_path, cfg), tmp_path / "out", progress=False, seed=11)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "arXiv:2311.03099" in card  # DARE's paper, from the method registry
+    assert "Random seed: 11" in card
+    merged = card.split("## Models merged")[1].split("##")[0]
+    assert str(family_fp32["ft0"]) in merged and str(family_fp32["base"]) not in merged
+    assert f"Base model: `{family_fp32['base']}`" in card
+    cfg["merge_method"] = "ties"  # not seeded: no seed line
+    run_merge(write_cfg(tmp_path, cfg), tmp_path / "out2", progress=False, seed=11)
+    assert "Random seed" not in (tmp_path / "out2" / "README.md").read_text()
