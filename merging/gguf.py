@@ -31,7 +31,7 @@ from merging.hashing import file_sha256
 
 DTYPES = ("bfloat16", "float16", "float32")
 SOURCE_FILE = "alloy_source.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files recorded with their sha256, not only their size
 GGUF_MAGIC = b"GGUF"
 
 # Attribution the GGUF header does not carry (it has a licence, not the repository it was converted from).
@@ -307,11 +307,16 @@ def _cached(out: Path, sha: str, dtype: str) -> dict | None:
         return None
     if manifest.get("source", {}).get("sha256") != sha or manifest.get("dtype") != dtype:
         return None
-    # A folder someone edited by hand is not a cache hit.
-    for name, size in (manifest.get("files") or {}).items():
+    # A folder someone edited by hand is not a cache hit, even when the sizes stayed the same.
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return None
+    for name, rec in files.items():
         p = out / name
-        if not p.is_file() or p.stat().st_size != size:
+        if not isinstance(rec, dict) or not p.is_file() or p.stat().st_size != rec.get("size"):
             return None
+    if any(file_sha256(out / name) != rec.get("sha256") for name, rec in files.items()):
+        return None
     return manifest
 
 
@@ -515,8 +520,9 @@ def import_gguf(source: Source, out_dir: str | os.PathLike, *, dtype: str = "bfl
                          "torch": torch.__version__},
         }  # fmt: skip
         (tmp / "README.md").write_text(_card(manifest))
-        # Sizes of everything but this file itself: a later run checks them before trusting the cache.
-        manifest["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        # Everything but this file itself: a later run checks sizes and hashes before trusting the cache.
+        manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                             for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / SOURCE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():

@@ -141,6 +141,21 @@ def test_local_path_source_is_the_same_import(tmp_path, gguf_path, imported_f32)
     assert res.cached and res.sha256 == imported_f32.sha256
 
 
+def test_folder_edited_in_place_is_not_a_cache_hit(tmp_path, gguf_path, imported_f32):
+    """An edit that keeps every file's size (one weight byte flipped) is found by the recorded sha256: re-imported."""
+    out = tmp_path / "out"
+    shutil.copytree(imported_f32.out_dir, out)
+    weights = out / "model.safetensors"
+    original = weights.read_bytes()
+    data = bytearray(original)
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(OutputError, match="overwrite"):  # not its import any more: refused, not silently reused
+        import_gguf(gguf_path, out, dtype="float32")
+    res = import_gguf(gguf_path, out, dtype="float32", overwrite=True)
+    assert not res.cached and weights.read_bytes() == original
+
+
 # ---- bad input: one line naming the file, nothing left behind ----
 
 
