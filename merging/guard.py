@@ -46,9 +46,9 @@ def check_output_file(out: str | Path, inputs: Iterable[str | Path], *, option: 
     for inp in inputs:
         inp_r = Path(inp).expanduser().resolve()
         if out_r == inp_r:
-            raise OutputError(f"{option} {out} is an input of this command: writing the report there would replace it")
+            raise OutputError(f"{option} {out} is an input of this command: writing there would replace it")
         if inp_r.is_dir() and _within(out_r, inp_r):
-            raise OutputError(f"{option} {out} lies inside the input model folder {inp}: write the report elsewhere")
+            raise OutputError(f"{option} {out} lies inside the input model folder {inp}: write it elsewhere")
     if out_r.is_dir():
         raise OutputError(f"{option} {out} is a folder; give a file path")
     for parent in out_r.parents:
