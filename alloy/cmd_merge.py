@@ -8,14 +8,16 @@ import sys
 
 from merging.errors import ConfigError
 
-_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
+# mergekit's --out-shard-size reads K, M and B as thousand, million and billion ("5B", its default, is 5e9 bytes);
+# a shard of a few bytes is never meant, so a lone B here is a billion as there, and GB/MB/KB the usual bytes
+_UNITS = {"": 1, "B": 1e9, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
 
 
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
-        raise ConfigError(f"--shard-size: cannot read {text!r} (try 2GB, 500MB, 1GiB)")
+        raise ConfigError(f"--shard-size: cannot read {text!r} (try 2GB, 500MB, 1GiB, or mergekit's 5B)")
     size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if size <= 0:
         raise ConfigError(f"--shard-size: must be positive, got {text!r}")
@@ -26,9 +28,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alloy merge", description="Merge models from a mergekit-style YAML config.")
     p.add_argument("config", help="mergekit-style YAML")
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--seed", type=int, default=None, help="seed for random methods (dare, della); default 0")
+    # mergekit-yaml's names for the same options are accepted too: --random-seed, --cuda, --out-shard-size
+    p.add_argument("--seed", "--random-seed", type=int, default=None,
+                   help="seed for random methods (dare, della); default 0")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda runs the Triton kernels)")
-    p.add_argument("--shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB")
+    p.add_argument("--cuda", dest="device", action="store_const", const="cuda", help="the same as --device cuda")
+    p.add_argument("--shard-size", "--out-shard-size", default="2GB",
+                   help="largest output shard, e.g. 2GB, 500MB (mergekit's 5B: 5e9 bytes)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="compute dtype override")
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge from its verified shards")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
