@@ -398,7 +398,8 @@ def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, over
     check_tokenizer_policy(plan)
     # --overwrite replaces out_dir whole: never when it is, holds or lies in a model, the config or a side file
     check_output_folder(out_dir, inputs + [ck.path for ck in plan.checkpoints] + [sf.path for sf in plan.side_files]
-                        + [p for pair in plan.adapters.values() for p in pair])
+                        + [p for pair in plan.adapters.values() for p in pair]
+                        + ([plan.vocab.donor] if plan.vocab is not None else []))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = out_dir.parent / f".{out_dir.name}.alloy-lock"

@@ -80,8 +80,9 @@ def _tokenizer_donor(plan: Plan) -> Path:
         if src == "base" and cfg.base_model is None:
             raise ConfigError("tokenizer_source: 'base' needs a base_model")
         return plan.checkpoints[plan.template_index].path
-    if str(src) not in [str(m) for m in plan.models]:
-        raise ConfigError(f"tokenizer_source: {src} is not one of the merged models")
+    if str(src) not in [str(m) for m in plan.models]:  # a source outside the merge is read into plan.vocab
+        raise ConfigError(f"tokenizer_source: {src} is not one of the merged models, and none of them ships "
+                          "tokenizer files to align their embeddings to its vocabulary")
     return _path_of(plan, src)
 
 

@@ -128,6 +128,10 @@ def _local_folder(ref: Any, what: str, search: list[Path], model_paths: dict[str
             path, _ = fetch(ref.path, ref.revision)
         except ValueError as e:  # huggingface_hub's id validation: `org/..` is neither a folder nor a repo
             raise InputError(f"{what} {key!r}: not a local folder, and not a valid hub id ({e})") from None
+        except InputError as e:
+            if what == "model":
+                raise
+            raise InputError(f"{what}: {e}") from None  # which reference it was: an adapter, a tokenizer source
     if not path.exists():
         raise InputError(f"{what} {key!r}: path {path} does not exist")
     return path
@@ -256,7 +260,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     out_dtype_cfg = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
     template = index[str(base)] if base is not None else index[str(slices[0].sources[0].model)]
     _check_architectures(models, checkpoints)
-    vocab = build_vocab(config, models, checkpoints)
+    vocab = build_vocab(config, models, checkpoints, _outside_tokenizer(config, index, search, model_paths))
 
     tasks: list[TensorTask] = []
     seen_out: set[str] = set()
@@ -456,6 +460,19 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     return Plan(config, models, checkpoints, tasks, index[str(base)] if base is not None else None,
                 total_layers, template, untied=untied, notes=list(vocab.notes) if vocab else [], vocab=vocab, side_files=side_files,
                 adapters=adapters)
+
+
+def _outside_tokenizer(config: MergeConfig, index: dict[str, int], search: list[Path],
+                       model_paths: dict[str, Path] | None) -> Optional[Path]:
+    """The folder of a tokenizer source that is not among the merged models (mergekit takes only its tokenizer)."""
+    section = config.tokenizer
+    source = section.source if section is not None else config.tokenizer_source
+    if source is None or source in ("union", "base") or str(source) in index:
+        return None
+    key = "tokenizer.source" if section is not None else "tokenizer_source"
+    if source.lora is not None:
+        raise ConfigError(f"{key}: {source} carries a LoRA adapter; a tokenizer source is a plain model or folder")
+    return _local_folder(source, key, search, model_paths)
 
 
 def _says_untied(ck: Checkpoint) -> bool:

@@ -279,9 +279,13 @@ def policy_of(config: MergeConfig) -> tuple[Any, str]:
     return config.tokenizer_source, "tokenizer_source"
 
 
-def build_vocab(config: MergeConfig, models: list[ModelRef], checkpoints: list[Checkpoint]) -> Optional[OutputVocab]:
+def build_vocab(config: MergeConfig, models: list[ModelRef], checkpoints: list[Checkpoint],
+                external: Optional[Path] = None) -> Optional[OutputVocab]:
     """The output vocabulary and each model's permutation; None when no policy is set, or when `base` / a model
-    is asked for and no model ships a tokenizer (the tokenizer files are then only copied, as before)."""
+    is asked for and no model ships a tokenizer (the tokenizer files are then only copied, as before).
+
+    external: the folder of a tokenizer source that is not one of the merged models (as mergekit allows: only its
+    tokenizer is used; a token no merged model has gets a zero row)."""
     source, key = policy_of(config)
     if source is None:
         return None
@@ -295,12 +299,17 @@ def build_vocab(config: MergeConfig, models: list[ModelRef], checkpoints: list[C
     ref = str(config.base_model) if config.base_model is not None else names[0]
     if source == "base" and config.base_model is None:
         raise ConfigError(f"{where}: 'base' needs a base_model")
-    if source not in ("union", "base") and str(source) not in names:
+    outside = source not in ("union", "base") and str(source) not in names
+    if outside and external is None:
         raise ConfigError(f"{where}: {source} is not one of the merged models")
     donor = ref if source in ("union", "base") else str(source)
+    if outside:
+        if not has_tokenizer(external):
+            raise ConfigError(f"{where}: {source} has no tokenizer files ({', '.join(VOCAB_FILES[:2])}) in {external}")
+        paths[donor] = external
 
     with_tok = {m for m in names if has_tokenizer(paths[m])}
-    if not with_tok and source != "union" and not tokens and not pad:
+    if not with_tok and source != "union" and not tokens and not pad and not outside:
         return None  # nothing to align by: the legacy path copies whatever files there are
     for m in names:
         if m in with_tok:
@@ -315,6 +324,8 @@ def build_vocab(config: MergeConfig, models: list[ModelRef], checkpoints: list[C
     for m in names:
         if m in with_tok:
             toks[m] = load_tokenizer(paths[m], m)
+    if outside:
+        toks[donor] = load_tokenizer(external, donor)
     ref_size = config_vocab_size(cfgs[ref]) or len(toks[ref].get_vocab())
     ref_tok = strip_tokenizer(toks[ref], ref_size, ref)
     vocabs: dict[str, dict[str, int]] = {}

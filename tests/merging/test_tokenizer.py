@@ -307,6 +307,10 @@ def parity_configs(f: dict[str, Path]) -> dict[str, dict]:
         "task_arithmetic_union_bf16": task_arithmetic(tokenizer_source="union", dtype="bfloat16"),
         "linear_union": {**linear, "tokenizer_source": "union"},
         "linear_model_vocab": {**linear, "tokenizer_source": shuf},
+        # a tokenizer source that is not merged: only its vocabulary is taken; its words no merged model has
+        # (b0, b1 and an added token) get zero rows
+        "task_arithmetic_outside_vocab": task_arithmetic(tokenizer_source=shuf) | {
+            "models": [{"model": ext, "parameters": {"weight": 0.6}}]},
         "task_arithmetic_base": task_arithmetic(tokenizer={"source": "base"}),
         "task_arithmetic_pad": task_arithmetic(tokenizer={"source": "union", "pad_to_multiple_of": 32}),
         "ties_tokens": ties(tokenizer={"source": "union", "tokens": {
@@ -451,3 +455,13 @@ def test_inspect_reads_realigned_embeddings(vocab_family):
 
     report = inspect_merge(parse_config(_ta(vocab_family, "ext", "shuf", tokenizer_source="union")))
     assert len(report["models"]) == 2 and report["overall"]["params"] > 0
+
+
+def test_outside_tokenizer_source_needs_tokenizer_files(vocab_family, tmp_path):
+    from merging.errors import ConfigError
+
+    cfg = _ta(vocab_family, "ext") | {"tokenizer_source": str(vocab_family["bare"])}
+    with pytest.raises(ConfigError, match=f"tokenizer_source: {vocab_family['bare']} has no tokenizer files"):
+        plan_of(cfg)
+    with pytest.raises(InputError, match="tokenizer_source: model nowhere/at-all: not in the local Hugging Face cache"):
+        plan_of(_ta(vocab_family, "ext") | {"tokenizer_source": "nowhere/at-all"})
