@@ -48,6 +48,8 @@ class ModelSpec(_Strict):
     family: Optional[str] = None  # a member of the demo family: "base" or a skill name
     skill: Optional[str] = None  # the skill this model specialises in (scores are compared with it)
     sha256: Optional[dict[str, str]] = None  # expected file digests {file name: sha256}, checked after download
+    lora: Optional[str] = None  # a PEFT LoRA adapter (folder or hub id) merged into this model first (base+adapter)
+    lora_revision: Optional[str] = None  # the adapter's hub revision (a 40-hex commit pins it)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
@@ -56,6 +58,8 @@ class ModelSpec(_Strict):
             raise ValueError(f"give exactly one of path, hub, gguf, family (got {', '.join(given) or 'none'})")
         if self.revision and not self.hub:
             raise ValueError("revision only applies to a hub model")
+        if self.lora_revision and not self.lora:
+            raise ValueError("lora_revision only applies with lora")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype {self.dtype!r}: expected bfloat16, float16 or float32")
         return self

@@ -100,7 +100,10 @@ def _lineage(c: Candidate, merged: dict, models: dict[str, dict], params_file: P
         "run_name": run_name,
         "method": c.method,
         "parents": {m: {"source": models[m]["source"], "revision": models[m].get("revision"),
-                        "digest": models[m]["digest"]} for m in c.parents() if m in models},  # fmt: skip
+                        "digest": models[m]["digest"],
+                        **({"lora": {k: models[m]["lora"][k] for k in ("source", "revision", "digest")}}
+                           if models[m].get("lora") else {})}
+                    for m in c.parents() if m in models},  # fmt: skip
         "config_sha256": merged["config_sha256"],
         "manifest_sha256": merged["manifest_sha256"],
         "weights_sha256": merged.get("weights_sha256"),

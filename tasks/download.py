@@ -5,7 +5,9 @@
   resolved to; files the hub stores by content (LFS: the cache names the blob by its sha256) are re-hashed and
   compared, and offline runs fail with one line when the snapshot is not cached;
 - a GGUF source (a path or `pip:NAME==VERSION/FILE`) is imported by merging.gguf.import_gguf, cached by content;
-- a family member is the folder the demo-family task built.
+- a family member is the folder the demo-family task built;
+- with `lora:` (a folder or hub id, `lora_revision:` pins it) the adapter is merged into that model first, by
+  merging.lora (peft's merge_and_unload, streamed; cached under <models>/lora by the inputs' content).
 
 Every file's sha256 is recorded (cached by path, size, mtime and inode) and checked against `sha256:` in params.yaml.
 """
@@ -109,6 +111,8 @@ def resolve_model(name: str, spec: dict, *, root: str | Path, models_dir: str | 
                             "license": src.get("license"), "base_model": src.get("base_model")}  # fmt: skip
         except (ValueError, KeyError, TypeError):
             pass
+    if spec.get("lora"):
+        path, info["lora"] = _merge_adapter(name, path, spec, root, models_dir)
     digests = file_digests(path)
     for fname, want in (spec.get("sha256") or {}).items():
         if fname not in digests:
@@ -122,13 +126,37 @@ def resolve_model(name: str, spec: dict, *, root: str | Path, models_dir: str | 
     return info
 
 
+def _merge_adapter(name: str, base: Path, spec: dict, root: Path, models_dir: Path) -> tuple[Path, dict]:
+    """The model with its LoRA adapter merged in, and where the adapter came from."""
+    from merging.hub import fetch, looks_like_hub_id
+    from merging.lora import materialize_lora
+
+    src, rev = spec["lora"], spec.get("lora_revision")
+    p = Path(src).expanduser()
+    adapter, commit, warning = (p if p.is_absolute() else root / p), None, None
+    if not adapter.exists():
+        if not looks_like_hub_id(src):
+            raise InputError(f"models.{name}.lora: {adapter} does not exist")
+        try:
+            adapter, commit = fetch(src, rev)
+        except InputError as e:
+            raise InputError(f"models.{name}.lora: {e}") from None
+        if not rev or not COMMIT.match(rev):
+            warning = f"models.{name}.lora: resolved to {commit} (pin it: lora_revision: {commit})"
+    merged = materialize_lora(base, adapter, models_dir / "lora")
+    files = file_digests(adapter)
+    return merged, {"source": src, "revision": commit, "path": str(Path(adapter).resolve()), "files": files,
+                    "digest": folder_digest(files), **({"warning": warning} if warning else {})}
+
+
 @task(name="download", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def download(name: str, spec: dict, root: str, models_dir: str, family_members: dict[str, str] | None = None) -> dict:
     from prefect import get_run_logger
 
     info = resolve_model(name, spec, root=root, models_dir=models_dir, family_members=family_members)
     log = get_run_logger()
-    if info.get("warning"):
-        log.warning(info["warning"])
+    for warning in (info.get("warning"), (info.get("lora") or {}).get("warning")):
+        if warning:
+            log.warning(warning)
     log.info(f"{name}: {info['path']} ({info['kind']}, digest {info['digest'][:12]})")
     return info

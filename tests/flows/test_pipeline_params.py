@@ -86,6 +86,8 @@ def test_errors_name_the_key_path():
     # the engine's own config check runs at load time, with the candidate named
     msg = err({**BASE, "candidates": {"x": {"method": "ties", "models": ["a"], "dtype": "float8"}}})
     assert msg.startswith("params.yaml: candidates.x") and "float8" in msg
+    assert "models.a: lora_revision only applies with lora" in err(
+        {**BASE, "models": {**BASE["models"], "a": {"path": "a", "lora_revision": "abc"}}})
     assert "runner.kind" in err({**BASE, "runner": {"kind": "spark"}})
     assert "expected a mapping" in err([1, 2])
 
