@@ -55,7 +55,7 @@ def output_config(plan: Plan) -> dict:
         if isinstance(cfg.get("layer_types"), list):  # newer transformers configs list one type per layer
             types = cfg["layer_types"]
             cfg["layer_types"] = [types[min(i, len(types) - 1)] for i in range(plan.num_layers)]
-    if plan.untied:  # a tied config over a checkpoint with its own lm_head: transformers would drop that head
+    if plan.untied:  # the output has its own lm_head: say so (transformers warns on a tied config with both)
         if isinstance(cfg.get("text_config"), dict) and "tie_word_embeddings" in cfg["text_config"]:
             cfg["text_config"] = {**cfg["text_config"], "tie_word_embeddings": False}
         cfg["tie_word_embeddings"] = False

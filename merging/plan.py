@@ -385,16 +385,17 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     # tied and untied checkpoints of one family mixed (a fine-tune saved with its own lm_head): as mergekit does,
     # the output has the head when any model has one, and a tied model gives its embedding matrix in its place
     tied_alias: dict[tuple[str, str], str] = {}
-    heads = {n for m in sources_for(last) for n in ckpts[str(m)].tensors
-             if _split(n) is None and any(h in n for h in OUTPUT_HEADS)}
+    heads = {n for n in post if any(h in n for h in OUTPUT_HEADS)} | {
+        n for m in sources_for(last) for n in ckpts[str(m)].tensors
+        if _split(n) is None and any(h in n for h in OUTPUT_HEADS)}
     for head in sorted(heads):
-        donor = next(ckpts[str(m)] for m in sources_for(last) if head in ckpts[str(m)])
+        donor = next(ck for ck in [ckpts[str(m)] for m in sources_for(last)] + [template_ck] if head in ck)
         for m in sources_for(last):
             if head not in ckpts[str(m)]:
                 ck = ckpts[str(m)]
                 alias = _tied_embedding(ck, donor.info(head).shape)
                 if alias is None:
-                    has = next(x for x in sources_for(last) if head in ckpts[str(x)])
+                    has = next((x for x in sources_for(last) if head in ckpts[str(x)]), models[template])
                     why = ("though its config says tie_word_embeddings: false" if _says_untied(ck)
                            else "and no tied embedding of its shape to stand for it")
                     raise InputError(f"model {m}: has no {head!r} {why}, while {has} has one ({ck.path}); merged "

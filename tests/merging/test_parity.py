@@ -162,8 +162,7 @@ def tied_and_untied(tmp_path_factory):
 @pytest.mark.parametrize("template", ["tied", "untied0"])
 def test_tied_and_untied_checkpoints_mix_as_in_mergekit(tied_and_untied, tmp_path, method, template):
     """The output has an lm_head when any model has one; a tied model gives its embedding in its place (mergekit's
-    tied_names). Unlike mergekit, alloy's config.json then says tie_word_embeddings: false, or transformers would
-    tie the head back to the embedding and drop it."""
+    tied_names). Unlike mergekit, alloy's config.json then says tie_word_embeddings: false, as the tensors are."""
     t, u0, u1 = (str(tied_and_untied[k]) for k in ("tied", "untied0", "untied1"))
     others = [m for m in (t, u0, u1) if m != str(tied_and_untied[template])]
     if method == "linear":
@@ -202,3 +201,27 @@ def test_untied_model_without_its_head_is_refused(tied_and_untied, tmp_path):
     with pytest.raises(InputError, match="broken: has no .lm_head.weight. though its config says tie_word_embeddings: false"):
         run_merge(__import__("merging.config", fromlist=["x"]).parse_config(cfg), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("order", ["untied_first", "tied_first"])
+def test_frankenmerge_of_tied_and_untied_as_in_mergekit(tied_and_untied, tmp_path, order):
+    """Stacked layers: the head comes from the last slice's model; a tied one gives its embedding (mergekit too)."""
+    a, b = str(tied_and_untied["untied0"]), str(tied_and_untied["tied"])
+    if order == "tied_first":
+        a, b = b, a
+    cfg = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": a, "layer_range": [0, 2]}]}, {"sources": [{"model": b, "layer_range": [2, 3]}]}]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    run_merge(tmp_path / "c.yml", tmp_path / "alloy", progress=False)
+    run_mergekit(cfg, tmp_path / "mk")
+    ours, theirs = load_dir(tmp_path / "alloy"), load_dir(tmp_path / "mk")
+    if order == "untied_first":
+        # mergekit 0.1.5 writes no lm_head here (the last slice's model has none) under the first model's untied
+        # config, so transformers would load a random head; alloy writes the head that model really uses
+        assert "lm_head.weight" not in theirs and not json.loads((tmp_path / "mk" / "config.json").read_text()).get(
+            "tie_word_embeddings", True)
+        theirs["lm_head.weight"] = ours["lm_head.weight"]
+    assert_same(ours, theirs, torch.float32)
+    src = load_dir(Path(b))
+    want = src.get("lm_head.weight", src["model.embed_tokens.weight"])
+    assert torch.equal(ours["lm_head.weight"], want)
