@@ -91,12 +91,14 @@ def compute_grams(model_dir: str | Path, texts: Sequence[str | tuple[str, str]],
 
 def write_grams(model_dir: str | Path, texts: Sequence[str | tuple[str, str]], out: str | Path, *,
                 data: str = "", batch_size: int = 16, max_tokens: int = 512, overwrite: bool = False) -> dict:
-    """Compute and write `out` (one safetensors file) atomically; returns its metadata."""
-    from safetensors.torch import save_file
+    """Compute and write `out` (one safetensors file) atomically; returns its metadata.
 
+    The same model and texts give the same bytes wherever the project lives (dvc compares outputs by md5): tensors in
+    name order, metadata in a fixed order (safetensors' own writer orders it differently in each process) and the
+    model as a path relative to the file's folder."""
     from merging.gguf import _umask
-
     from merging.guard import check_output_file
+    from merging.io import ShardFile
 
     out = Path(out)
     check_output_file(out, [model_dir], option="Gram file")  # never over or inside the model's folder
@@ -104,13 +106,19 @@ def write_grams(model_dir: str | Path, texts: Sequence[str | tuple[str, str]], o
         raise OutputError(f"{out} exists (pass --overwrite to replace it)")
     weights = model_files_digest(model_dir)
     grams, aliases, n_tokens = compute_grams(model_dir, texts, batch_size=batch_size, max_tokens=max_tokens)
-    meta = {"format": FORMAT, "model": str(model_dir), "model_files": weights,
-            "data": data, "texts": str(len(texts)), "tokens": str(n_tokens),
+    meta = {"format": FORMAT, "model": os.path.relpath(Path(model_dir).absolute(), out.parent.absolute()),
+            "model_files": weights, "data": data, "texts": str(len(texts)), "tokens": str(n_tokens),
             "alloy.aliases": json.dumps(aliases, sort_keys=True)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    names = sorted(grams)
     try:
-        save_file(grams, str(tmp), metadata=meta)
+        shard = ShardFile(tmp, [(n, grams[n].dtype, tuple(grams[n].shape)) for n in names], meta)
+        try:
+            for n in names:
+                shard.write(n, grams[n])
+        finally:
+            shard.close()
         os.chmod(tmp, 0o666 & ~_umask())  # an ordinary file, as the user's umask makes them
         os.replace(tmp, out)
     except OSError as e:

@@ -250,7 +250,7 @@ def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict
         "seed": seed,
         **(run_info or {}),  # device, kernels and tie rule: DARE's draws and tied selections depend on them
         "inputs": inputs,
-        **({"side_inputs": [{"parameter": sf.parameter, "file": str(sf.path), "sha256": file_sha256(sf.path)}
+        **({"side_inputs": [{"parameter": sf.parameter, "file": sf.given, "sha256": file_sha256(sf.path)}
                             for sf in plan.side_files]} if plan.side_files else {}),
         "outputs": {name: [n for n, _, _ in shard] for name, shard in zip(layout.file_names, layout.shards)},
         "tokenizer_files": tokenizer_files,

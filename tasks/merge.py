@@ -16,7 +16,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 
-def _same_merge(out_dir: Path, config_sha: str, seed: int, inputs: dict[str, dict[str, str]]) -> dict | None:
+def _same_merge(out_dir: Path, config_sha: str, seed: int, inputs: dict[str, dict[str, str]],
+                side_paths: dict[str, str]) -> dict | None:
     try:
         manifest = json.loads((out_dir / "alloy_manifest.json").read_text())
     except (OSError, ValueError):
@@ -34,7 +35,7 @@ def _same_merge(out_dir: Path, config_sha: str, seed: int, inputs: dict[str, dic
     from merging.hashing import file_sha256
 
     for side in manifest.get("side_inputs", []):  # Gram matrices recomputed since: merge again
-        f = Path(side["file"])
+        f = Path(side_paths.get(side["file"], side["file"]))  # the manifest has the name the config gave
         if not f.is_file() or file_sha256(f) != side["sha256"]:
             return None
     return manifest
@@ -54,7 +55,7 @@ def merge_candidate(name: str, config: dict, models: dict[str, dict], out_dir: s
     config_sha = hashlib.sha256(cfg.to_yaml().encode()).hexdigest()
     inputs = {m: models[m]["files"] for m in models}
     t0 = time.perf_counter()
-    manifest = _same_merge(out, config_sha, seed, inputs) if out.is_dir() else None
+    manifest = _same_merge(out, config_sha, seed, inputs, side_paths or {}) if out.is_dir() else None
     stats_file = out.parent / f".{out.name}.merge-stats.json"
     if manifest is not None:
         try:

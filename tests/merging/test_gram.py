@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,22 @@ def test_write_ensure_and_the_cli(tiny_family, tmp_path):
     p = subprocess.run([sys.executable, "-m", "alloy", "gram", str(model), "skill:words", str(tmp_path / "c.safetensors"),
                         "--examples", "4"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert p.returncode == 0 and "nanobind" not in p.stderr, p.stderr[-2000:]
+
+
+def test_same_model_and_texts_give_the_same_bytes_in_any_clone(tiny_family, tmp_path):
+    """dvc compares a stage's outputs by md5: two processes in two clones of a project must write one file."""
+    files = []
+    for clone in ("a", "b"):
+        model = tmp_path / clone / "models" / "words"
+        shutil.copytree(tiny_family.specialists["words"], model)
+        out = tmp_path / clone / "grams" / "words.safetensors"
+        p = subprocess.run([sys.executable, "-m", "alloy", "gram", str(model), "skill:words", str(out), "--examples", "4"],
+                           capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-2000:]
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
+    assert read_metadata(out)["model"] == "../models/words"
+    assert list(load_file(out)) == sorted(load_file(out))
 
 
 def test_text_sources(tmp_path):
