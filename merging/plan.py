@@ -58,14 +58,14 @@ class SideFile:
     Its header metadata may map tensor names to the stored name they share (`alloy.aliases`, JSON): layers that read
     the same input (q/k/v projections) have one Gram matrix."""
 
-    def __init__(self, path: Path, parameter: str, nan_policy: str = "refuse", given: str | None = None):
+    def __init__(self, path: Path, parameter: str, given: str, nan_policy: str = "refuse"):
         import json
 
         from merging.io import read_header
 
         # `given`: the path as the config wrote it, which the manifest records (a resolved absolute path would
         # make the same merge's manifest differ between two clones of a project)
-        self.path, self.parameter, self.given = path, parameter, str(path if given is None else given)
+        self.path, self.parameter, self.given = path, parameter, given
         self.checkpoint = Checkpoint(path, nan_policy=nan_policy)  # a NaN statistic spreads to every merged value
         _, meta = read_header(path)
         try:
@@ -281,7 +281,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
             key = (p, f.resolve())
             if key not in side_index:
                 side_index[key] = len(side_files)
-                side_files.append(SideFile(f, p, policy, given=str(path)))
+                side_files.append(SideFile(f, p, str(path), policy))
             sf = side_files[side_index[key]]
             stored = sf.stored_name(name)
             if stored is not None and len(shape) == 2:
