@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
                         "tensor out of the statistics (listed in the report)")
     p.add_argument("--lora-merge-cache", default=None, metavar="DIR",
                    help="where `base+adapter` models are merged into full checkpoints (as alloy merge)")
+    p.add_argument("--lora-merge-dtype", default=None, metavar="DTYPE",
+                   help="the dtype `base+adapter` models are merged in (as alloy merge)")
     args = p.parse_args(argv)
     from merging.guard import check_output_file, write_report
     from merging.inspect import format_table, inspect_merge
@@ -35,7 +37,8 @@ def main(argv: list[str]) -> int:
     inputs = config_inputs(args.config) if args.json_out else []
     if args.json_out:  # before reading any tensor: the report may not replace the config or go into a model
         check_output_file(args.json_out, inputs)
-    report = inspect_merge(args.config, nan_policy=args.nan_policy, lora_cache=args.lora_merge_cache)
+    report = inspect_merge(args.config, nan_policy=args.nan_policy, lora_cache=args.lora_merge_cache,
+                           lora_dtype=args.lora_merge_dtype)
     print(format_table(report))
     if report.get("nonfinite"):
         print(f"alloy: warning: {len(report['nonfinite'])} tensor(s) hold NaN/Inf in the base or a model and were "

@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-merge-cache", default=None, metavar="DIR",
                    help="where `base+adapter` models are merged into full checkpoints once and reused "
                         "(default: ~/.cache/alloy/lora, or $XDG_CACHE_HOME/alloy/lora)")
+    p.add_argument("--lora-merge-dtype", default=None, metavar="DTYPE",
+                   help="merge `base+adapter` models in this dtype (float32, bfloat16, float16, float64; default: the "
+                        "base's), as mergekit's option: the base's floating tensors are cast to it first")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -71,7 +74,7 @@ def main(argv: list[str]) -> int:
                            shard_size=parse_size(args.shard_size), dtype=args.dtype, resume=args.resume,
                            overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
                            allow_pickle=args.allow_pickle, tie_break=args.tie_break, nan_policy=args.nan_policy,
-                           lora_cache=args.lora_merge_cache)
+                           lora_cache=args.lora_merge_cache, lora_dtype=args.lora_merge_dtype)
     except KeyboardInterrupt:
         tmp = partial_folder(Path(args.out_dir).absolute())
         if tmp.exists():

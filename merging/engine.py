@@ -360,7 +360,8 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: in
               shard_size: int = 2 * 1024**3, dtype: str | None = None, resume: bool = False, overwrite: bool = False,
               progress: bool = True, model_paths: dict[str, Path] | None = None, allow_pickle: bool = False,
               extra_card: dict | None = None, tie_break: str = "index", kernels: bool | None = None,
-              nan_policy: str | None = None, lora_cache: str | Path | None = None) -> MergeResult:
+              nan_policy: str | None = None, lora_cache: str | Path | None = None,
+              lora_dtype: str | None = None) -> MergeResult:
     """Merge to a Hugging Face checkpoint folder, atomically. See docs/design.md.
 
     tie_break: which of several elements tied at a magnitude threshold are kept — "index" (the first by position:
@@ -368,6 +369,7 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: in
     on the same torch build, and slower).
     kernels: use the Triton kernels (default: on CUDA only; on CPU they need TRITON_INTERPRET=1, for tests).
     lora_cache: where `base+adapter` models are merged once and reused (default: merging.plan.default_lora_cache()).
+    lora_dtype: the dtype they are merged in (mergekit's --lora-merge-dtype; default: the base's).
     """
     from merging.primitives import tie_break as tie_rule
 
@@ -375,11 +377,11 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: in
         return _run_merge(config, out_dir, seed=seed, device=device, shard_size=shard_size, dtype=dtype,
                           resume=resume, overwrite=overwrite, progress=progress, model_paths=model_paths,
                           allow_pickle=allow_pickle, extra_card=extra_card, kernels=kernels, nan_policy=nan_policy,
-                          lora_cache=lora_cache)
+                          lora_cache=lora_cache, lora_dtype=lora_dtype)
 
 
 def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, overwrite, progress, model_paths,
-               allow_pickle, extra_card, kernels, nan_policy, lora_cache) -> MergeResult:
+               allow_pickle, extra_card, kernels, nan_policy, lora_cache, lora_dtype) -> MergeResult:
     from merging.output import check_tokenizer_policy, finalize_output
 
     t0 = time.perf_counter()
@@ -394,7 +396,7 @@ def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, over
     if out_dir.exists() and not overwrite:
         raise OutputError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
     plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, allow_pickle=allow_pickle,
-                      nan_policy=nan_policy, lora_cache=lora_cache)
+                      nan_policy=nan_policy, lora_cache=lora_cache, lora_dtype=lora_dtype)
     check_tokenizer_policy(plan)
     # --overwrite replaces out_dir whole: never when it is, holds or lies in a model, the config or a side file
     check_output_folder(out_dir, inputs + [ck.path for ck in plan.checkpoints] + [sf.path for sf in plan.side_files]
@@ -520,16 +522,17 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
 def merge_to_state_dict(config: MergeConfig | str | Path, *, seed: int | None = None, device: str = "cpu",
                         dtype: str | None = None, model_paths: dict[str, Path] | None = None,
                         tie_break: str = "index", nan_policy: str | None = None,
-                        lora_cache: str | Path | None = None) -> MergeResult:
+                        lora_cache: str | Path | None = None, lora_dtype: str | None = None) -> MergeResult:
     """The same merge held in memory (for search loops that evaluate and discard)."""
     from merging.primitives import tie_break as tie_rule
 
     with tie_rule(tie_break), compute_threads():
         return _merge_to_state_dict(config, seed=seed, device=device, dtype=dtype, model_paths=model_paths,
-                                    nan_policy=nan_policy, lora_cache=lora_cache)
+                                    nan_policy=nan_policy, lora_cache=lora_cache, lora_dtype=lora_dtype)
 
 
-def _merge_to_state_dict(config, *, seed, device, dtype, model_paths, nan_policy, lora_cache) -> MergeResult:
+def _merge_to_state_dict(config, *, seed, device, dtype, model_paths, nan_policy, lora_cache,
+                         lora_dtype) -> MergeResult:
     t0 = time.perf_counter()
     search = []
     if not isinstance(config, MergeConfig):
@@ -537,7 +540,7 @@ def _merge_to_state_dict(config, *, seed, device, dtype, model_paths, nan_policy
         config = load_config(config)
     check_device(device)
     plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, nan_policy=nan_policy,
-                      lora_cache=lora_cache)
+                      lora_cache=lora_cache, lora_dtype=lora_dtype)
     sd = {task.name: out for task, out in iter_computed(plan, plan.tasks, seed=0 if seed is None else seed, device=device)}
     return MergeResult(None, len(sd), plan.bytes_in, sum(t.numel() * t.element_size() for t in sd.values()),
                        time.perf_counter() - t0, peak_rss(), state_dict=sd)

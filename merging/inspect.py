@@ -90,7 +90,7 @@ class _Acc:
 
 def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "float32",
                   model_paths: dict[str, Path] | None = None, nan_policy: str | None = None,
-                  lora_cache: str | Path | None = None) -> dict:
+                  lora_cache: str | Path | None = None, lora_dtype: str | None = None) -> dict:
     """Task-vector statistics of a config's models against its base, overall and per layer.
 
     model_paths: model name in the config -> folder (as run_merge takes them).
@@ -109,7 +109,7 @@ def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "floa
     probe = config.model_copy(update={"merge_method": "task_arithmetic", "parameters": {"weight": 1.0},
                                       "models": [m.model_copy(update={"parameters": None}) for m in config.models or []] or None})
     plan = build_plan(probe, search_paths=search, dtype=dtype, model_paths=model_paths, nan_policy=policy,
-                      lora_cache=lora_cache)
+                      lora_cache=lora_cache, lora_dtype=lora_dtype)
     if policy == "warn":  # read as they are; non-finite tensors are found and left out below
         for ck in plan.checkpoints:
             ck.nan_policy = None
@@ -117,7 +117,7 @@ def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "floa
     # files may not exist yet when the pipeline inspects
     spec = REGISTRY.get(config.merge_method)
     real = (build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, nan_policy=policy,
-                       lora_cache=lora_cache)
+                       lora_cache=lora_cache, lora_dtype=lora_dtype)
             if spec is not None and not spec.side_inputs else None)
     density_of = {t.name: t.per_model.get("density") for t in real.tasks} if real else {}
     names = [str(plan.models[m]) for m, _ in plan.tasks[0].inputs] if plan.tasks else []

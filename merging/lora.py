@@ -16,6 +16,8 @@ Numerics follow peft 0.21 as `PeftModel.from_pretrained` sets it up (what mergek
   alpha_pattern, the first key matching the module's name as peft's `get_pattern_key` matches it.
 - fan_in_fan_out: peft ignores the config's flag and takes it from the layer type (False for nn.Linear, True for
   transformers' Conv1D), so alloy does the same from the shapes and the architecture (see `_transposed`).
+With a dtype (mergekit's --lora-merge-dtype, its `from_pretrained(torch_dtype=...)`), the base's floating tensors are
+cast to it first and everything above follows from that dtype.
 Whole tensors in the adapter (`modules_to_save` copies, `X.base_layer.weight` saved with embedding layers, biases
 saved by `bias: all`) replace the base's tensor, cast to its dtype, as peft's `load_state_dict` does.
 
@@ -42,7 +44,7 @@ import torch
 
 from merging.errors import InputError
 from merging.hashing import file_sha256
-from merging.io import Checkpoint, ShardFile, TensorInfo, model_file, read_header, read_tensor
+from merging.io import Checkpoint, ShardFile, TensorInfo, dtype_size, model_file, read_header, read_tensor
 from merging.tokenizer import TOKENIZER_FILES, has_tokenizer
 
 # Bump when the output for the same inputs could change (numerics, layout, copied files): old cache folders are then
@@ -103,9 +105,10 @@ class _Adapter:
     replace: dict[str, str]  # base tensor name -> adapter key of its replacement
 
 
-def materialize_lora(model_dir: Path, adapter_dir: Path, cache_root: Path) -> Path:
+def materialize_lora(model_dir: Path, adapter_dir: Path, cache_root: Path, dtype: torch.dtype | None = None) -> Path:
     """A Hugging Face checkpoint folder holding model_dir's weights with adapter_dir's LoRA merged in; made once under
-    cache_root, reused after."""
+    cache_root, reused after. `dtype` (mergekit's --lora-merge-dtype): the base's floating tensors are cast to it
+    before the merge, as `from_pretrained(torch_dtype=...)` does, and the folder holds that dtype."""
     model_dir, adapter_dir, cache_root = Path(model_dir), Path(adapter_dir), Path(cache_root)
     if not model_dir.is_dir():
         raise InputError(f"LoRA base {model_dir} is not a model folder")
@@ -115,7 +118,8 @@ def materialize_lora(model_dir: Path, adapter_dir: Path, cache_root: Path) -> Pa
     adapter_files = _adapter_files(adapter_dir)
     tok_dir = adapter_dir if has_tokenizer(adapter_dir) else model_dir
     copies = _copied_files(model_dir, tok_dir)
-    key = _cache_key(model_dir, base, adapter_files, copies)
+    # mergekit names its cache folder by model and adapter only, so a folder merged in one dtype is reused for another
+    key = _cache_key(model_dir, base, adapter_files, copies, dtype)
     # no `+` in the name: mergekit-style references split a model path on it (`base+adapter`)
     final = cache_root / f"{_slug(model_dir.name)}__{_slug(adapter_dir.name)}-{key[:20]}"
     if _complete(final):
@@ -127,9 +131,12 @@ def materialize_lora(model_dir: Path, adapter_dir: Path, cache_root: Path) -> Pa
     tmp = cache_root / f".{final.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        counts = _write_weights(base, adapter, tmp)
+        counts = _write_weights(base, adapter, tmp, dtype)
         for name, src in copies.items():
-            shutil.copyfile(src, tmp / name)
+            if name == "config.json" and dtype is not None:
+                _write_config_dtype(src, tmp / name, dtype)
+            else:
+                shutil.copyfile(src, tmp / name)
         record = {
             "format": FORMAT_VERSION,
             "base": str(model_dir.resolve()),
@@ -141,6 +148,7 @@ def materialize_lora(model_dir: Path, adapter_dir: Path, cache_root: Path) -> Pa
             "r": adapter.config.get("r"),
             "lora_alpha": adapter.config.get("lora_alpha"),
             "use_rslora": bool(adapter.config.get("use_rslora")),
+            "dtype": None if dtype is None else _dtype_name(dtype),
             **counts,
         }
         # written last: a folder is complete exactly when it has this file (the rename below makes it visible)
@@ -171,7 +179,8 @@ def _complete(folder: Path) -> bool:
         return False
 
 
-def _cache_key(model_dir: Path, base: Checkpoint, adapter_files: dict[str, Path], copies: dict[str, Path]) -> str:
+def _cache_key(model_dir: Path, base: Checkpoint, adapter_files: dict[str, Path], copies: dict[str, Path],
+               dtype: torch.dtype | None) -> str:
     """Content hashes for the adapter (small, and often rewritten in place by training scripts); for the base, whose
     weights may be many GB, each file's name, size and mtime, as a changed file changes them."""
     def stat(p: Path) -> list:
@@ -188,6 +197,7 @@ def _cache_key(model_dir: Path, base: Checkpoint, adapter_files: dict[str, Path]
         "base_files": base_files,
         "copied": {name: [str(p.parent.resolve()), *stat(p)] for name, p in sorted(copies.items())},
         "adapter": {name: file_sha256(p) for name, p in sorted(adapter_files.items())},
+        **({} if dtype is None else {"dtype": _dtype_name(dtype)}),  # absent by default: old cache keys stay valid
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -437,16 +447,26 @@ def _delta(A: torch.Tensor, B: torch.Tensor, scaling: float, transposed: bool) -
     return out.to(dtype) if cast_to_fp32 else out
 
 
-def _merged(name: str, base: Checkpoint, adapter: _Adapter) -> torch.Tensor:
-    """The output tensor `name`: the base's (or the adapter's replacement) with any LoRA delta added."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and stored.is_floating_point else stored  # from_pretrained casts floats only
+
+
+def _merged(name: str, base: Checkpoint, adapter: _Adapter, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The output tensor `name`: the base's (or the adapter's replacement) with any LoRA delta added; the base loaded
+    as `dtype` first when one is given."""
     info = base.info(name)
+    out_dtype = _out_dtype(info.dtype, dtype)
     if name in adapter.replace:
-        # load_state_dict copies into the existing parameter, so the replacement takes the base's dtype
-        t = read_tensor(adapter.infos[adapter.replace[name]]).to(info.dtype)
+        # load_state_dict copies into the existing parameter, so the replacement takes the (loaded) base's dtype
+        t = read_tensor(adapter.infos[adapter.replace[name]]).to(out_dtype)
     else:
-        t = base.read(name)
+        t = base.read(name).to(out_dtype)
     if (lora := adapter.loras.get(name)) is not None:
-        A, B = _lora_pair(adapter, lora, _adapter_dtype(info.dtype))
+        A, B = _lora_pair(adapter, lora, _adapter_dtype(out_dtype))
         delta = _delta(A, B, lora.scaling, lora.transposed)
         out = t.clone()  # the read tensor may be a private mapping of the file; write into memory of our own
         if lora.embedding:
@@ -455,29 +475,45 @@ def _merged(name: str, base: Checkpoint, adapter: _Adapter) -> torch.Tensor:
             out += delta  # peft's Linear.merge adds in the promoted dtype, rounding once
         return out
     if (lora := adapter.bias_loras.get(name)) is not None:
-        bias = read_tensor(adapter.infos[lora.tensors["lora_B.bias"]]).to(_adapter_dtype(info.dtype))
+        bias = read_tensor(adapter.infos[lora.tensors["lora_B.bias"]]).to(_adapter_dtype(out_dtype))
         out = t.clone()
         out += bias * lora.scaling  # peft: base_layer.bias.data += lora_B.bias * scaling
         return out
     return t
 
 
-def _write_weights(base: Checkpoint, adapter: _Adapter, out_dir: Path) -> dict[str, int]:
-    """Mirror the base's shard files (same names, tensors, dtypes and metadata) and index, one shard at a time; each
-    shard is written front to back as its tensors are computed, so memory holds a few tensors, not a shard."""
+def _write_weights(base: Checkpoint, adapter: _Adapter, out_dir: Path, dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Mirror the base's shard files (same names, tensors, dtypes unless `dtype` is given, and metadata) and index, one
+    shard at a time; each shard is written front to back as its tensors are computed, so memory holds a few tensors,
+    not a shard."""
     by_file: dict[Path, list[TensorInfo]] = {}
     for info in base.tensors.values():
         by_file.setdefault(info.file, []).append(info)
     for file, infos in by_file.items():
         infos.sort(key=lambda i: i.start)  # read each input front to back too
         _, metadata = read_header(file)
-        shard = ShardFile(out_dir / file.name, [(i.name, i.dtype, i.shape) for i in infos], metadata)
+        entries = [(i.name, _out_dtype(i.dtype, dtype), i.shape) for i in infos]
+        shard = ShardFile(out_dir / file.name, entries, metadata)
         try:
             for info in infos:
-                shard.write(info.name, _merged(info.name, base, adapter))
+                shard.write(info.name, _merged(info.name, base, adapter, dtype))
         finally:
             shard.close()
     index = model_file(base.path, "model.safetensors.index.json")
-    if index is not None:
+    if index is not None and dtype is None:
         shutil.copyfile(index, out_dir / index.name)
+    elif index is not None:  # the same weight map; the byte count follows the new dtype
+        data = json.loads(index.read_text())
+        data.setdefault("metadata", {})["total_size"] = sum(
+            dtype_size(_out_dtype(i.dtype, dtype)) * math.prod(i.shape) for i in base.tensors.values())
+        (out_dir / index.name).write_text(json.dumps(data, indent=2) + "\n")
     return {"lora_tensors": len(adapter.loras) + len(adapter.bias_loras), "replaced_tensors": len(adapter.replace)}
+
+
+def _write_config_dtype(src: Path, dst: Path, dtype: torch.dtype) -> None:
+    """The base's config.json saying the dtype the folder now holds (save_pretrained writes the loaded dtype)."""
+    cfg = json.loads(src.read_text())
+    cfg["dtype"] = _dtype_name(dtype)
+    if "torch_dtype" in cfg:  # transformers before 4.56 reads only this name
+        cfg["torch_dtype"] = cfg["dtype"]
+    dst.write_text(json.dumps(cfg, indent=2) + "\n")

@@ -220,13 +220,17 @@ class _Params:
 
 def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, dtype: str | None = None,
                model_paths: dict[str, Path] | None = None, allow_pickle: bool = False,
-               nan_policy: str | None = None, lora_cache: str | Path | None = None) -> Plan:
+               nan_policy: str | None = None, lora_cache: str | Path | None = None,
+               lora_dtype: str | None = None) -> Plan:
     """Resolve models, read their headers, and lay out every output tensor with its inputs and parameters.
 
     nan_policy: what reading a NaN/Inf input tensor does later, "refuse" or "warn" (default: the policy of the
     enclosing merging.checks.nan_policy context, itself "refuse").
     lora_cache: where `base+adapter` references are merged into full checkpoints (default: default_lora_cache()).
+    lora_dtype: the dtype they are merged in (mergekit's --lora-merge-dtype; default: the base's).
     """
+    if lora_dtype is not None and lora_dtype.removeprefix("torch.") not in TORCH_DTYPES:
+        raise ConfigError(f"--lora-merge-dtype {lora_dtype!r}: expected one of float32, float16, bfloat16, float64")
     spec = _method(config)
     _check_parameter_names(config, spec)
     check_parameter_values(config, per_model=set(spec.per_model) if spec else {"scale"},
@@ -246,7 +250,8 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
 
                 adapter = _local_folder(ref.lora, "LoRA adapter", search, model_paths)
                 adapters[key] = (path, adapter)
-                path = materialize_lora(path, adapter, Path(lora_cache) if lora_cache else default_lora_cache())
+                path = materialize_lora(path, adapter, Path(lora_cache) if lora_cache else default_lora_cache(),
+                                        TORCH_DTYPES[lora_dtype.removeprefix("torch.")] if lora_dtype else None)
         ckpts[key] = Checkpoint(path, allow_pickle=allow_pickle, nan_policy=policy)
     layers = {k: num_layers_of(c) for k, c in ckpts.items()}
     models = refs

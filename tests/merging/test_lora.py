@@ -322,6 +322,66 @@ def test_matches_mergekit_lora_merge_cache(family_fp32, tmp_path):
         (adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
+def test_lora_merge_dtype_matches_mergekit(family_fp32, tmp_path):
+    """--lora-merge-dtype bfloat16 on a float32 base: mergekit loads the base in bf16 and merges there; alloy's cache
+    folder holds the same bf16 tensors, its config says so, and the merge built on it equals mergekit's."""
+    mergekit = pytest.importorskip("mergekit.merge")
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from merging.engine import run_merge
+
+    base, other = family_fp32["base"], family_fp32["ft0"]
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj", "lm_head"])
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 0.7}},
+                      {"model": str(other), "parameters": {"weight": 0.3}}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mergekit.run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk-out"),
+                           MergeOptions(lora_merge_cache=str(tmp_path / "mk-cache"), lora_merge_dtype="bfloat16",
+                                        copy_tokenizer=False, lazy_unpickle=False))
+    (mk_folder,) = [p for p in (tmp_path / "mk-cache").iterdir() if p.is_dir()]
+    mk = read_folder(mk_folder)
+    ours = materialize_lora(base, adapter, tmp_path / "cache", torch.bfloat16)
+    got = read_folder(ours)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    assert set(mk) <= set(got) and all(torch.equal(mk[k], got[k]) for k in mk)
+    config = json.loads((ours / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    assert json.loads((ours / MANIFEST).read_text())["dtype"] == "bfloat16"
+    # each dtype has its own cache folder (mergekit would reuse one merged in another dtype)
+    plain = materialize_lora(base, adapter, tmp_path / "cache")
+    assert plain != ours and {t.dtype for t in read_folder(plain).values()} == {torch.float32}
+
+    run_merge(parse_config(cfg), tmp_path / "alloy-out", progress=False, lora_cache=tmp_path / "alloy-cache",
+              lora_dtype="torch.bfloat16")  # mergekit's spelling too
+    want, got = read_folder(tmp_path / "mk-out"), read_folder(tmp_path / "alloy-out")
+    assert set(want) <= set(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_lora_merge_dtype_rewrites_the_index_size(family_bf16, tmp_path):
+    base = family_bf16["base"]  # two bf16 shards and an index
+    out = materialize_lora(base, make_adapter(base, tmp_path / "adapter"), tmp_path / "cache", torch.float32)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in read_folder(out).values())
+
+
+def test_cli_refuses_an_unknown_lora_merge_dtype(family_fp32, tmp_path, capsys):
+    from alloy.cli import main
+
+    base = family_fp32["base"]
+    adapter = make_adapter(base, tmp_path / "adapter")
+    cfg = _write_config(tmp_path, [f"{base}+{adapter}", str(family_fp32["ft0"])])
+    capsys.readouterr()  # transformers' loading bars while the adapter was made
+    rc = main(["merge", str(cfg), str(tmp_path / "out"), "--lora-merge-dtype", "int8",
+               "--lora-merge-cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "--lora-merge-dtype 'int8'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 def _write_config(tmp_path: Path, models: list[str], name: str = "cfg.yml") -> Path:
     import yaml
 
