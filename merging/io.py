@@ -41,6 +41,8 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# torch's names for the floating dtypes, as config.json's dtype / torch_dtype spell them
+DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own bound
 
 

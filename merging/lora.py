@@ -44,7 +44,7 @@ import torch
 
 from merging.errors import InputError
 from merging.hashing import file_sha256
-from merging.io import Checkpoint, ShardFile, TensorInfo, dtype_size, model_file, read_header, read_tensor
+from merging.io import DTYPE_NAME, Checkpoint, ShardFile, TensorInfo, dtype_size, model_file, read_header, read_tensor
 from merging.tokenizer import TOKENIZER_FILES, has_tokenizer
 
 # Bump when the output for the same inputs could change (numerics, layout, copied files): old cache folders are then
@@ -148,7 +148,7 @@ def materialize_lora(model_dir: Path, adapter_dir: Path, cache_root: Path, dtype
             "r": adapter.config.get("r"),
             "lora_alpha": adapter.config.get("lora_alpha"),
             "use_rslora": bool(adapter.config.get("use_rslora")),
-            "dtype": None if dtype is None else _dtype_name(dtype),
+            "dtype": None if dtype is None else DTYPE_NAME[dtype],
             **counts,
         }
         # written last: a folder is complete exactly when it has this file (the rename below makes it visible)
@@ -197,7 +197,7 @@ def _cache_key(model_dir: Path, base: Checkpoint, adapter_files: dict[str, Path]
         "base_files": base_files,
         "copied": {name: [str(p.parent.resolve()), *stat(p)] for name, p in sorted(copies.items())},
         "adapter": {name: file_sha256(p) for name, p in sorted(adapter_files.items())},
-        **({} if dtype is None else {"dtype": _dtype_name(dtype)}),  # absent by default: old cache keys stay valid
+        **({} if dtype is None else {"dtype": DTYPE_NAME[dtype]}),  # absent by default: old cache keys stay valid
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -447,10 +447,6 @@ def _delta(A: torch.Tensor, B: torch.Tensor, scaling: float, transposed: bool) -
     return out.to(dtype) if cast_to_fp32 else out
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored  # from_pretrained casts floats only
 
@@ -513,7 +509,7 @@ def _write_weights(base: Checkpoint, adapter: _Adapter, out_dir: Path, dtype: to
 def _write_config_dtype(src: Path, dst: Path, dtype: torch.dtype) -> None:
     """The base's config.json saying the dtype the folder now holds (save_pretrained writes the loaded dtype)."""
     cfg = json.loads(src.read_text())
-    cfg["dtype"] = _dtype_name(dtype)
+    cfg["dtype"] = DTYPE_NAME[dtype]
     if "torch_dtype" in cfg:  # transformers before 4.56 reads only this name
         cfg["torch_dtype"] = cfg["dtype"]
     dst.write_text(json.dumps(cfg, indent=2) + "\n")

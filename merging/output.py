@@ -17,14 +17,13 @@ from merging.config import ModelRef
 from merging.errors import ConfigError, InputError
 from merging.hashing import file_sha256
 from merging.lora import MANIFEST as LORA_MANIFEST
-from merging.io import ShardLayout, model_file
+from merging.io import DTYPE_NAME, ShardLayout, model_file
 from merging.methods import REGISTRY
 from merging.plan import Plan
 from merging.tokenizer import CHAT_TEMPLATES, save_tokenizer
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 BUILTIN_TEMPLATES = CHAT_TEMPLATES  # chatml, llama3, mistral, alpaca, exaone (merging.tokenizer)
 CHATML = CHAT_TEMPLATES["chatml"]
 

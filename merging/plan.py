@@ -229,7 +229,8 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     lora_cache: where `base+adapter` references are merged into full checkpoints (default: default_lora_cache()).
     lora_dtype: the dtype they are merged in (mergekit's --lora-merge-dtype; default: the base's).
     """
-    if lora_dtype is not None and lora_dtype.removeprefix("torch.") not in TORCH_DTYPES:
+    lora_torch_dtype = TORCH_DTYPES.get(lora_dtype.removeprefix("torch.")) if lora_dtype is not None else None
+    if lora_dtype is not None and lora_torch_dtype is None:
         raise ConfigError(f"--lora-merge-dtype {lora_dtype!r}: expected one of float32, float16, bfloat16, float64")
     spec = _method(config)
     _check_parameter_names(config, spec)
@@ -251,7 +252,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
                 adapter = _local_folder(ref.lora, "LoRA adapter", search, model_paths)
                 adapters[key] = (path, adapter)
                 path = materialize_lora(path, adapter, Path(lora_cache) if lora_cache else default_lora_cache(),
-                                        TORCH_DTYPES[lora_dtype.removeprefix("torch.")] if lora_dtype else None)
+                                        lora_torch_dtype)
         ckpts[key] = Checkpoint(path, allow_pickle=allow_pickle, nan_policy=policy)
     layers = {k: num_layers_of(c) for k, c in ckpts.items()}
     models = refs
