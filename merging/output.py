@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from merging.config import ModelRef
