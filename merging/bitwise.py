@@ -107,6 +107,18 @@ def keep_below_(x: Tensor, keys: Callable[[int], Tensor], level: int) -> None:
     return None
 
 
+def keep_below_levels_(x: Tensor, keys: Tensor, levels: Tensor) -> None:
+    """In place, x * (keys < levels) as keep_below_ multiplies, with a level per element: keys int16 in [0, 2**15),
+    levels int32 in [0, 2**15], both x's shape; x contiguous and finite."""
+    idt, _, sign, _ = _consts(x.dtype)
+    m = keys.to(torch.int32).sub_(levels)  # negative where key < level
+    m >>= 31  # -1 where kept, else 0
+    if idt != torch.int32:
+        m = m.to(idt)
+    m |= sign
+    x.view(idt).bitwise_and_(m)
+
+
 def keep_ranked_(x: Tensor, keys: Tensor, thr: int, tied: int) -> None:
     """In place, x * mask as merging.primitives.apply_mask multiplies, for the mask of merging.primitives'
     `_first_in_order` (descending): keys above `thr` kept, and the first `tied` keys equal to it by index.

@@ -18,6 +18,7 @@ and device, and slower (a full sort).
 
 from __future__ import annotations
 
+import math
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -331,26 +332,79 @@ def della_keep_probs(delta: Tensor, density: float, epsilon: float) -> Tensor:
         order = torch.argsort(mag, dim=1, descending=False)
     else:
         order = torch.sort(mag, dim=1, stable=True).indices
-    positions = torch.arange(rows.shape[1], device=delta.device).view(1, -1, *([1] * (rows.dim() - 2)))
-    ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order)).to(work) + 1
-    low = ranks.min(dim=1, keepdim=True).values
-    high = ranks.max(dim=1, keepdim=True).values
-    if rows.shape[1] == 1:
+    by_rank = _della_rank_probs(rows.shape[1], density, epsilon, work, delta.device)
+    return torch.empty(rows.shape, dtype=work, device=delta.device).scatter_(1, order, _along_dim1(by_rank, order))
+
+
+def _della_rank_probs(length: int, density: float, epsilon: float, dtype: torch.dtype,
+                      device: torch.device) -> Tensor:
+    """The keep probability of ranks 0..length-1 (ascending magnitude) in a row of `length`: mergekit's arithmetic
+    on each rank (rank to dtype, + 1, min-max normalised), done once per row length instead of once per element."""
+    ranks = torch.arange(length, device=device).to(dtype) + 1
+    if length == 1:
         rank_norm = torch.full_like(ranks, 0.5)
     else:
-        rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+        rank_norm = ((ranks - ranks.min()) / (ranks.max() - ranks.min())).clamp(0, 1)
     return (density - epsilon) + rank_norm * 2 * epsilon
 
 
+def _along_dim1(by_rank: Tensor, like: Tensor) -> Tensor:
+    """A per-rank vector broadcast along dim 1 of `like` (rows, then any trailing dims)."""
+    return by_rank.view(1, -1, *([1] * (like.dim() - 2))).expand_as(like)
+
+
+# Elements per block of the in-place DELLA path: torch sorts a 1-D integer tensor of at least 32768 elements with a
+# radix sort, rows at a time (dim=1) a comparison sort: the ranks of a 4096x1024 bf16 delta on one thread took 43 ms
+# in blocks of 32 rows against 236 ms for the stable row sort; blocks under 32768 elements fell back (175 ms).
+_DELLA_BLOCK = 1 << 16
+
+
+def _della_in_place(delta: Tensor, density: float, epsilon: float, rescale: bool,
+                    generator: torch.Generator | None) -> bool:
+    """della_drop's default rule in place, rows at a time: each block of rows is ranked by one stable sort of
+    (row, magnitude bits) integer keys, its draws and mask stay in cache, and no tensor-sized int64 rank or index
+    tensor is made. The draws are the whole-tensor path's: blocks hold whole rows and a multiple of 4 elements, so
+    the key stream is cut on word boundaries. False, with delta and the generator untouched, where it does not
+    apply (as _drop_in_place; also fp16, drawn in fp32, and tensors of more than 2 dims)."""
+    if delta.dim() > 2 or not _in_place_applies(delta) or _sampling_dtype(delta) != delta.dtype:
+        return False
+    rows = delta if delta.dim() == 2 else delta.unsqueeze(0)
+    length = rows.shape[1]
+    probs = _della_rank_probs(length, density, epsilon, delta.dtype, delta.device)
+    step = max(1, -(-_DELLA_BLOCK // length))
+    step += -step % (4 // math.gcd(length, 4))
+    levels = (probs.float() * _DRAW_LEVELS).round().to(torch.int32).repeat(step)  # level by sorted position
+    idt, mag_bits = _KEY_DTYPES[delta.dtype], 8 * delta.dtype.itemsize - 1
+    kdt = torch.int32 if mag_bits + (step - 1).bit_length() <= 31 else torch.int64
+    row_keys = (torch.arange(step, dtype=kdt, device=delta.device) << mag_bits).view(-1, 1)
+    scratch = torch.empty_like(delta) if rescale else None
+    before = B.abs_into(delta, scratch).sum() if rescale else None
+    for r in range(0, rows.shape[0], step):
+        block = rows[r:r + step]
+        n = block.numel()
+        keys = (block.view(idt) & ((1 << mag_bits) - 1)).to(kdt)
+        keys |= row_keys[:block.shape[0]]
+        order = torch.sort(keys.view(-1), stable=True).indices  # by row, then magnitude, ties by index
+        level = torch.empty(n, dtype=torch.int32, device=delta.device).scatter_(0, order, levels[:n])
+        B.keep_below_levels_(block, _draw_keys(n, delta.device, generator).view(block.shape), level.view(block.shape))
+    if rescale:
+        _rescale_in_place(delta, before, scratch)
+    return True
+
+
 def della_drop(delta: Tensor, density: float, epsilon: float, *, rescale: bool,
-               generator: torch.Generator | None) -> Tensor:
-    """DELLA MagPrune: drop with magnitude-ranked probabilities (see della_keep_probs), then optionally L1-rescale."""
+               generator: torch.Generator | None, inplace: bool = False) -> Tensor:
+    """DELLA MagPrune: drop with magnitude-ranked probabilities (see della_keep_probs), then optionally L1-rescale.
+
+    inplace=True lets it overwrite `delta` and return it (the same bits), as dare_drop does."""
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ConfigError(f"della: epsilon {epsilon} must keep density {density} +/- epsilon inside (0, 1)")
+    if inplace and delta.dim() and delta.numel() and _della_in_place(delta, density, epsilon, rescale, generator):
+        return delta
     work = _sampling_dtype(delta)
     probs = della_keep_probs(delta, density, epsilon)
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)

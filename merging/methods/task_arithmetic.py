@@ -203,7 +203,8 @@ def breadcrumbs_ties(tensors: list[Tensor], base: Tensor, *, weight: PerModel, d
 
 def _della(tensors, base, weight, density, epsilon, rescale, generator, consensus, normalize, int8_mask, lambda_):
     def drop(d: Tensor, i: int) -> Tensor:
-        return P.della_drop(d, model_value(density, i), model_value(epsilon, i), rescale=rescale, generator=generator)
+        return P.della_drop(d, model_value(density, i), model_value(epsilon, i), rescale=rescale, generator=generator,
+                            inplace=True)
 
     return generalized_task_arithmetic(tensors, base, weight, sparsify=drop, consensus=consensus,
                                        normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)

@@ -255,6 +255,41 @@ def test_della_drop_same_seed_same_bytes_and_equals_mergekit(dtype):
     assert P.della_drop(vec, 0.4, 0.1, rescale=False, generator=torch.Generator()).shape == vec.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(64, 200), (70, 1023), (5, 3), (1000,), (1, 1), (3, 1), (300, 7), (20000, 7)],
+                         ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else str(s))
+@pytest.mark.parametrize("rescale", [True, False])
+def test_della_in_place_blocks_give_the_whole_tensor_paths_bits(dtype, shape, rescale):
+    # Row lengths not a multiple of 4 (1023, 7, 3, 1), more rows than one block, ties (zeros and repeated values):
+    # the in-place path's blocks must reproduce the whole-tensor probabilities, the same key stream and rescale.
+    delta = realistic_delta(shape, dtype, seed=12)
+    flat = delta.view(-1)
+    flat[: flat.numel() // 5] = 0
+    flat[flat.numel() // 2:: 7] = flat[flat.numel() // 2]
+    g_ref, g_in = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    rows = delta if delta.dim() == 2 else delta.unsqueeze(0)
+    keep = P.keep_draw(rows, P.della_keep_probs(delta, 0.4, 0.15), g_ref)
+    reference = P.apply_mask(rows, keep, rescale).reshape(delta.shape)
+    work = delta.clone()
+    out = P.della_drop(work, 0.4, 0.15, rescale=rescale, generator=g_in, inplace=True)
+    assert out.data_ptr() == work.data_ptr()  # it took the in-place path
+    assert same_bits(out, reference)
+    assert torch.equal(torch.randint(1 << 30, (4,), generator=g_in), torch.randint(1 << 30, (4,), generator=g_ref))
+    assert same_bits(P.della_drop(delta, 0.4, 0.15, rescale=rescale, generator=torch.Generator().manual_seed(5)),
+                     reference)  # and the out-of-place call is unchanged
+
+
+def test_della_in_place_leaves_what_it_does_not_handle_to_the_reference():
+    g = torch.Generator().manual_seed(2)
+    for delta in (realistic_delta((4, 6, 5), torch.float32, seed=1),  # 3-D: ranked along dim 1, whole tensor
+                  realistic_delta((8, 16), torch.float16, seed=1),  # drawn in fp32
+                  torch.tensor([[1.0, float("nan"), 3.0, -2.0]])):  # not finite
+        before = delta.clone()
+        out = P.della_drop(delta, 0.5, 0.1, rescale=True, generator=g, inplace=True)
+        assert out.data_ptr() != delta.data_ptr() and same_bits(delta, before)
+        assert out.shape == delta.shape
+
+
 def test_della_rejects_epsilon_outside_density_range():
     with pytest.raises(ConfigError, match="epsilon"):
         P.della_drop(torch.ones(4, 4), 0.1, 0.2, rescale=True, generator=None)
