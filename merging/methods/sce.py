@@ -5,8 +5,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from merging import bitwise as B
 from merging import primitives as P
 from merging.methods.registry import merge_method
+
+
+def population_variance(deltas: Tensor) -> Tensor:
+    """torch.var(deltas, dim=0, unbiased=False), bit for bit, in flat slices.
+
+    Why: on the CPU torch reduces dim 0 with a scalar Welford loop in float64, 0.4-0.5 s for three models of 4M
+    elements; the same recurrence (mean += d / k, m2 += d * (x - mean), var = m2 / n, in float64, rounded once to the
+    input dtype) over vectors takes a fifth of that. Checked equal to torch.var on 128M bf16/fp16 and 24M fp32
+    elements of several scales (tests/merging/test_methods_selection.py)."""
+    if deltas.device.type != "cpu" or deltas.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.var(deltas, dim=0, unbiased=False)
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)
+    out = torch.empty(flat.shape[1], dtype=deltas.dtype)
+    for s in range(0, flat.shape[1], B.CHUNK):
+        part = flat[:, s:s + B.CHUNK]
+        mean = torch.zeros(part.shape[1], dtype=torch.float64)
+        m2 = torch.zeros_like(mean)
+        for i in range(n):
+            x = part[i].double()
+            d = x - mean
+            mean += d / (i + 1)
+            m2 += d * (x - mean)
+        out[s:s + B.CHUNK] = m2 / n
+    return out.view(deltas.shape[1:])
 
 
 def variance_mask(deltas: Tensor, density: float, dtype: torch.dtype) -> Tensor:
@@ -16,7 +42,7 @@ def variance_mask(deltas: Tensor, density: float, dtype: torch.dtype) -> Tensor:
         return torch.zeros_like(deltas[0], dtype=dtype)
     if density >= 1:
         return torch.ones_like(deltas[0], dtype=dtype)
-    var = torch.var(deltas, dim=0, unbiased=False)
+    var = population_variance(deltas)
     k = int(torch.count_nonzero(var) * density)
     if k == 0:
         return torch.zeros_like(var, dtype=dtype)

@@ -77,6 +77,28 @@ def test_sce_matches_mergekit(dtype, params):
         assert same_bits(out, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_population_variance_is_torch_var_bit_for_bit(dtype, n):
+    from merging.bitwise import CHUNK
+    from merging.methods.sce import population_variance
+
+    g = torch.Generator().manual_seed(n)
+    cols = CHUNK * 2 + 1001  # several slices, the last one short
+    for scale in (0.002, 1.0, 300.0, 1e-6):
+        deltas = (torch.randn(n, 3, cols // 3 + 1, generator=g) * scale).to(dtype)
+        flat = deltas.view(n, -1)
+        flat[:, :500] = flat[0, :500].clone()  # zero variance
+        flat[-1, 500:900] = 0
+        flat[0, 900] = float("nan")
+        flat[-1, 901] = float("inf")
+        ours, ref = population_variance(deltas), torch.var(deltas, dim=0, unbiased=False)
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype
+        assert torch.equal(ours.view(-1)[:900], ref.view(-1)[:900])
+        assert torch.equal(ours.isnan(), ref.isnan())
+        assert bool(((ours == ref) | ours.isnan()).all())
+
+
 def test_sce_selects_by_variance_and_erases_minority_signs():
     base = torch.zeros(4)
     a = torch.tensor([1.0, 0.1, -1.0, 2.0])
