@@ -98,6 +98,31 @@ def parameter_range(method: str, name: str) -> Optional[Range]:
     return METHOD_RANGES.get((method, name)) or RANGES.get(name)
 
 
+def parameter_kind(method: str, name: str) -> str:
+    """How a value of this parameter is read: 'bool', 'text' (a choice or a file), 'int' or 'number'. Only numbers'
+    gradients interpolate; mergekit reads every value as its parameter's type first, so `normalize: [0, 1]` steps
+    from false to true, and `max_iter: 5.0` is 5."""
+    if name in BOOLEANS:
+        return "bool"
+    if name in CHOICES or name in FILES:
+        return "text"
+    rng = parameter_range(method, name)
+    return "int" if rng is not None and rng.integer else "number"
+
+
+def typed_value(method: str, name: str, value: Any, tensor: str) -> Any:
+    """A value evaluate() resolved (already checked by check_parameter_values), as its parameter's type."""
+    kind = parameter_kind(method, name)
+    if value is None or kind in ("text", "number"):
+        return value
+    if kind == "bool":
+        return bool(value)
+    if value != int(value):
+        raise ConfigError(f"parameters.{name}: the gradient gives {value:g} at tensor {tensor!r}, and method "
+                          f"{method!r} needs an integer")
+    return int(value)
+
+
 def _leaves(setting: Any, path: str) -> Iterator[tuple[str, Any]]:
     """(key path, value) of every value written in one parameter setting: scalar, gradient or filtered list."""
     if isinstance(setting, ConditionalParameter):

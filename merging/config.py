@@ -322,17 +322,21 @@ def load_config(path: str | Path) -> MergeConfig:
     return parse_config(data, str(path))
 
 
-def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
-    """A parameter's value for one tensor at layer position t in [0, 1]; None when no filter matches."""
+def evaluate(setting: Any, tensor_name: str, t: float, *, interpolate: bool = True) -> Any:
+    """A parameter's value for one tensor at layer position t in [0, 1]; None when no filter matches.
+
+    A gradient of numbers interpolates; interpolate=False (a flag or a choice, whose values mergekit reads as its
+    type first: `normalize: [0, 1]` is [false, true]) steps from one value to the next instead."""
     if isinstance(setting, ConditionalParameter):
-        return evaluate(setting.value, tensor_name, t) if _matches(setting.filter, tensor_name) else None
+        return (evaluate(setting.value, tensor_name, t, interpolate=interpolate)
+                if _matches(setting.filter, tensor_name) else None)
     if isinstance(setting, list):
         if setting and all(isinstance(e, ConditionalParameter) for e in setting):
             for cond in setting:
                 if _matches(cond.filter, tensor_name):
-                    return evaluate(cond.value, tensor_name, t)
+                    return evaluate(cond.value, tensor_name, t, interpolate=interpolate)
             return None
-        if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+        if interpolate and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
             scaled = t * (len(setting) - 1)
             i0 = int(scaled)
             i1 = min(len(setting) - 1, i0 + 1)

@@ -7,6 +7,7 @@ the end, a parameter the method does not take) is found here, before any tensor 
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-from merging.checks import check_nan_policy, check_parameter_values, check_task_parameters, current_nan_policy
+from merging.checks import (check_nan_policy, check_parameter_values, check_task_parameters, current_nan_policy,
+                            parameter_kind, typed_value)
 from merging.config import InputSlice, MergeConfig, ModelRef, OutputSlice, evaluate
 from merging.errors import ConfigError, InputError
 from merging.hub import looks_like_hub_id
@@ -197,6 +199,20 @@ def _normalised_slices(config: MergeConfig, base: Optional[ModelRef], layers: di
     return [OutputSlice(sources=sources)]
 
 
+def _check_no_duplicate_inputs(config: MergeConfig, slices: list[OutputSlice]) -> None:
+    """One entry per model in a merge (as mergekit: 'Duplicate merge inputs'): a second entry would take the first
+    one's parameters, so its weight would silently count double."""
+    for i, sl in enumerate(slices):
+        first: dict[str, int] = {}
+        for j, src in enumerate(sl.sources):
+            key = str(src.model)
+            if key in first:
+                where, was = ((f"slices[{i}].sources[{j}]", f"slices[{i}].sources[{first[key]}]") if config.slices
+                              else (f"models[{j}]", f"models[{first[key]}]"))
+                raise ConfigError(f"{where}.model: {key} is already {was}; list each model once per merge")
+            first[key] = j
+
+
 class _Params:
     """Parameter lookup with mergekit's precedence: model-in-slice, slice, top level; first non-None wins."""
 
@@ -204,17 +220,14 @@ class _Params:
         self.config, self.slice = config, out_slice
 
     def get(self, name: str, tensor_name: str, t: float, model: Optional[ModelRef] = None) -> Any:
-        if model is not None:
-            for src in self.slice.sources:
-                if str(src.model) == str(model) and src.parameters and name in src.parameters:
-                    v = evaluate(src.parameters[name], tensor_name, t)
-                    if v is not None:
-                        return v
-        for params in (self.slice.parameters, self.config.parameters):
+        method = self.config.merge_method
+        interpolate = parameter_kind(method, name) in ("int", "number")
+        scopes = [src.parameters for src in self.slice.sources if model is not None and str(src.model) == str(model)]
+        for params in (*scopes, self.slice.parameters, self.config.parameters):
             if params and name in params:
-                v = evaluate(params[name], tensor_name, t)
+                v = evaluate(params[name], tensor_name, t, interpolate=interpolate)
                 if v is not None:
-                    return v
+                    return typed_value(method, name, v, tensor_name)
         return None
 
 
@@ -261,9 +274,14 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
 
     base = config.base_model
     uses_base = bool(spec and spec.base)
-    if spec and spec.base is True and base is None:
-        raise ConfigError(f"base_model: method {config.merge_method!r} needs a base_model")
     slices = _normalised_slices(config, base, layers)
+    if spec and spec.base is True:
+        # as in mergekit, a slice may name its own base_model in place of the top-level one
+        missing = [i for i, sl in enumerate(slices) if (sl.base_model or base) is None]
+        if missing:
+            where = "base_model" if len(missing) == len(slices) else f"slices[{missing[0]}].base_model"
+            raise ConfigError(f"{where}: method {config.merge_method!r} needs a base_model")
+    _check_no_duplicate_inputs(config, slices)
     compute = TORCH_DTYPES[dtype or config.dtype] if (dtype or config.dtype) else None
     out_dtype_cfg = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
     template = index[str(base)] if base is not None else index[str(slices[0].sources[0].model)]
@@ -349,7 +367,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
         if spec is None:
             if len(entries) != 1:
                 raise ConfigError(f"passthrough takes exactly one source per slice; {out_name!r} has {len(entries)}")
-            scale = params.get("scale", out_name, t, entries[0][0])
+            scale = params.get("scale", entries[0][1][1], t, entries[0][0])  # per input: filters see its name
             per_model = {"scale": [scale]}
             glob: dict[str, Any] = {}
         else:
@@ -373,8 +391,9 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
                     missing = [str(ref) for (ref, _), v in zip(entries, vals) if v is None]
                     raise ConfigError(f"parameters.{p}: required for model {missing[0]} (tensor {out_name!r})")
             check_task_parameters(spec.name, [str(ref) for ref, _ in entries], per_model, glob, out_name)
-        ref_info = ckpts[str(base_ref)].info(base_entry[1]) if base_entry else infos[0][1]
-        out_dtype = out_dtype_cfg or compute or ref_info.dtype
+        # with neither dtype nor out_dtype set, inputs of several dtypes give their common one (bf16 and fp32 give
+        # fp32), as mergekit's torch arithmetic does
+        out_dtype = out_dtype_cfg or compute or functools.reduce(torch.promote_types, (i.dtype for _, i in infos))
         side = {p: side_entries(p, per_model[p], entries, out_name, tuple(shape0))
                 for p in (spec.side_inputs if spec else ())}
         tasks.append(TensorTask(out_name, config.merge_method, [e for _, e in entries], base_entry, per_model,

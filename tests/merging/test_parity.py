@@ -86,12 +86,27 @@ def configs(fam: dict[str, Path]) -> dict[str, dict]:
         "passthrough": {"merge_method": "passthrough", "slices": [
             {"sources": [{"model": b, "layer_range": [0, 2]}]},
             {"sources": [{"model": f1, "layer_range": [1, 3]}]}]},
+        # cases tests/merging/test_parity_fuzz.py found: a base named on each slice only; a flag's gradient steps
+        # (0 is false) instead of interpolating; an integer written as a float; a per-input filter matches the
+        # input's tensor name (here layer 0 of b, written as output layer 1), not the output's
+        "ties_slice_base": {"merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.6}, "slices": [
+            {"base_model": b, "sources": [{"model": b, "layer_range": [0, 3]}, {"model": f0, "layer_range": [0, 3]},
+                                          {"model": f1, "layer_range": [0, 3]}]}]},
+        "linear_flag_gradient": {"merge_method": "linear", "parameters": {"normalize": [0, 1]}, "models": [
+            {"model": f0, "parameters": {"weight": 1.0}}, {"model": f1, "parameters": {"weight": 0.5}}]},
+        "karcher_float_max_iter": {"merge_method": "karcher", "parameters": {"max_iter": 3.0},
+                                   "models": [{"model": f0}, {"model": f1}]},
+        "passthrough_filter_on_input_name": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": b, "layer_range": [0, 1]}]},
+            {"sources": [{"model": b, "layer_range": [0, 1]}],
+             "parameters": {"scale": [{"filter": "layers.1.", "value": 1.0}, {"value": 2.0}]}}]},
     }
 
 
 CASES = ["linear", "linear_unnormalized_filters", "slerp_gradient", "task_arithmetic", "ties", "ties_unnormalized",
          "ties_scientific_notation", "linear_base_not_listed", "karcher_base_not_listed", "slerp_extrapolated",
-         "passthrough"]
+         "passthrough", "ties_slice_base", "linear_flag_gradient", "karcher_float_max_iter",
+         "passthrough_filter_on_input_name"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -115,6 +130,18 @@ def test_parity_with_mergekit(case, precision, family_fp32, family_bf16, tmp_pat
     ours = json.loads((tmp_path / "alloy" / "config.json").read_text())
     theirs = json.loads((tmp_path / "mk" / "config.json").read_text())
     assert ours["num_hidden_layers"] == theirs["num_hidden_layers"]
+
+
+def test_inputs_of_two_dtypes_give_their_common_dtype_as_in_mergekit(family_fp32, family_bf16, tmp_path):
+    cfg = {"merge_method": "linear", "models": [{"model": str(family_bf16["ft1"]), "parameters": {"weight": 0.4}},
+                                                {"model": str(family_fp32["ft0"]), "parameters": {"weight": 0.6}}]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    run_merge(tmp_path / "c.yml", tmp_path / "alloy", progress=False)
+    run_mergekit(cfg, tmp_path / "mk")
+    ours, theirs = load_dir(tmp_path / "alloy"), load_dir(tmp_path / "mk")
+    assert {t.dtype for t in ours.values()} == {torch.float32}
+    assert_same(ours, theirs, torch.float32)
+    assert json.loads((tmp_path / "alloy" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
 def test_out_dtype_and_dtype_keys(family_fp32, tmp_path):

@@ -141,6 +141,31 @@ def test_rules_between_parameters_fail_at_plan_time(family_fp32, tmp_path, no_te
     assert words in msg and "tensor 'model.embed_tokens.weight'" in msg
 
 
+@pytest.mark.parametrize("make, where, words", [
+    # mergekit refuses both ("Duplicate merge inputs"; an integer parameter's gradient giving 3.5)
+    (lambda f: {"merge_method": "linear", "models": [{"model": str(f["ft0"]), "parameters": {"weight": 1.0}},
+                                                     {"model": str(f["ft1"]), "parameters": {"weight": 1.0}},
+                                                     {"model": str(f["ft0"]), "parameters": {"weight": 3.0}}]},
+     "models[2].model", "is already models[0]"),
+    (lambda f: {"merge_method": "ties", "slices": [{"sources": [
+        {"model": str(f["base"]), "layer_range": [0, 3]}, {"model": str(f["ft0"]), "layer_range": [0, 3]},
+        {"model": str(f["ft0"]), "layer_range": [0, 3], "parameters": {"weight": 1.0}}], "base_model": str(f["base"])}],
+        "parameters": {"weight": 1.0, "density": 0.5}}, "slices[0].sources[2].model", "is already slices[0].sources[1]"),
+    (lambda f: {"merge_method": "karcher", "parameters": {"max_iter": [2, 5]},
+                "models": [{"model": str(f["ft0"])}, {"model": str(f["ft1"])}]},
+     "parameters.max_iter", "the gradient gives 3.5 at tensor 'model.layers.1."),
+    (lambda f: {"merge_method": "ties", "parameters": {"weight": 1.0}, "slices": [
+        {"base_model": str(f["base"]), "sources": [{"model": str(f["base"]), "layer_range": [0, 2]},
+                                                   {"model": str(f["ft0"]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(f["base"]), "layer_range": [2, 3]}, {"model": str(f["ft0"]), "layer_range": [2, 3]}]}]},
+     "slices[1].base_model", "needs a base_model"),
+])
+def test_what_mergekit_also_refuses_fails_at_plan_time(family_fp32, tmp_path, no_tensor_reads, make, where, words):
+    msg = run_and_fail(tmp_path, make(family_fp32), ConfigError)
+    assert msg.startswith(where + ":"), msg
+    assert words in msg, msg
+
+
 def test_shared_parameter_set_on_one_model_is_refused(family_fp32, tmp_path, no_tensor_reads):
     msg = run_and_fail(tmp_path, ties(family_fp32, normalize=False), ConfigError)
     assert msg.startswith("models[0].parameters.normalize:") and "top-level 'parameters'" in msg
