@@ -82,7 +82,8 @@ METHOD_RANGES: dict[tuple[str, str], Range] = {
     # interpolations on the sphere: a negative weight is not a point between the inputs
     ("nuslerp", "weight"): NON_NEGATIVE,
     ("multislerp", "weight"): NON_NEGATIVE,
-    ("nearswap", "t"): NON_NEGATIVE,  # a distance threshold, not an interpolation factor
+    # a distance threshold, not an interpolation factor; at 0 every element two models share is 0 / 0 = NaN
+    ("nearswap", "t"): Range(0, lo_open=True),
     ("slerp", "t"): ANY,  # beyond [0, 1] slerp extrapolates along the same arc; mergekit takes any t
     ("ram", "epsilon"): NON_NEGATIVE,  # the |delta| below which a change does not count
     ("ramplus_tl", "epsilon"): NON_NEGATIVE,

@@ -194,8 +194,10 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
     # (|x| > 65504 becomes Inf). Other output dtypes hold every finite float32, so they are not scanned again.
     if task.dtype == torch.float16 and current_nan_policy() == "refuse" and not all_finite(out):
         n = out.numel() - int(torch.isfinite(out).sum())
-        raise ConfigError(f"tensor {task.name!r}: {n} merged value(s) overflow float16 (|x| > 65504); merge to "
-                          "bfloat16 or float32 (dtype / out_dtype / --dtype)")
+        nan = int(out.isnan().sum())
+        what = f"{n} merged value(s) overflow float16 (|x| > 65504)" if not nan else \
+            f"{n} merged value(s) are not finite in float16 ({nan} NaN: an overflow, or 0 / 0 in the method)"
+        raise ConfigError(f"tensor {task.name!r}: {what}; merge to bfloat16 or float32 (dtype / out_dtype / --dtype)")
     return out
 
 

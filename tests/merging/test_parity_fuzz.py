@@ -97,7 +97,7 @@ def _params(method: str) -> dict[str, Param]:
         "model_stock": {"filter_wise": Param("shared", _bool_scalar(), boolean=True)},
         "sce": {"select_topk": Param("shared", _num(0.1, 1.0)),
                 "int8_mask": Param("shared", _bool_scalar(), boolean=True)},
-        "nearswap": {"t": Param("shared", _num(0.0, 0.05), required=True)},
+        "nearswap": {"t": Param("shared", _num(0.001, 0.05), required=True)},  # t 0: alloy refuses 0 / 0
         "arcee_fusion": {},
         "passthrough": {"scale": Param("input", _num(0.5, 2.0))},
     }[method]
@@ -304,7 +304,7 @@ def differ(cfg: dict, random_draws: bool, fam: dict[str, Path]) -> tuple[str, st
             return "crash", f"alloy raised {type(ours_err).__name__}: {ours_err} (mergekit: {_first_line(theirs_err)})"
         if ours_err is not None and theirs_err is not None:
             reject()
-        if ours_err is not None and "overflow float16" in str(ours_err) and not all(
+        if ours_err is not None and "in float16" in str(ours_err) and not all(
                 bool(torch.isfinite(t).all()) for t in load_dir(tmp / "mk").values()):
             reject()  # alloy refuses on purpose the Inf/NaN that mergekit writes (merging.engine.compute_tensor)
         if ours_err is not None:

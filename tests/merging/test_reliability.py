@@ -94,8 +94,10 @@ def with_method(cfg: dict, method: str, **top) -> dict:
     (lambda f: ties(f, density="half"), "models[0].parameters.density", "'half' is not a number"),
     (lambda f: ties(f, density=float("nan")), "models[0].parameters.density", "nan"),
     (lambda f: with_method(ties(f), "dare_ties", density=1.01), "parameters.density", "method 'dare_ties'"),
-    (lambda f: {**slerp(f, 0.5), "merge_method": "nearswap"} | {"parameters": {"t": [0, 0.5, -0.2]}},
-     "parameters.t[2]", "method 'nearswap' needs a number >= 0"),
+    (lambda f: {**slerp(f, 0.5), "merge_method": "nearswap"} | {"parameters": {"t": [0.1, 0.5, -0.2]}},
+     "parameters.t[2]", "method 'nearswap' needs a number > 0"),
+    (lambda f: {**slerp(f, 0.5), "merge_method": "nearswap"} | {"parameters": {"t": 0}},
+     "parameters.t", "method 'nearswap' needs a number > 0"),  # 0 / 0 wherever the models agree
     (lambda f: {"merge_method": "nuslerp", "models": [{"model": str(f["base"]), "parameters": {"weight": -1.0}},
                                                       {"model": str(f["ft0"]), "parameters": {"weight": 1.0}}]},
      "models[0].parameters.weight", "method 'nuslerp' needs a number >= 0"),
@@ -500,6 +502,16 @@ def test_float16_overflow_is_refused_naming_the_tensor(family_fp32, tmp_path):
                       {"model": str(family_fp32["ft1"]), "parameters": {"weight": 0.5}}]}
     msg = run_and_fail(tmp_path, cfg, ConfigError)
     assert "tensor 'model.norm.weight'" in msg and "overflow float16" in msg
+
+
+def test_float16_nan_from_opposite_overflows_is_refused_naming_the_tensor(family_fp32, tmp_path):
+    up = copy_model(family_fp32["ft0"], tmp_path / "inputs" / "up", lambda sd: sd["model.norm.weight"].fill_(6e4))
+    down = copy_model(family_fp32["ft1"], tmp_path / "inputs" / "down", lambda sd: sd["model.norm.weight"].fill_(-6e4))
+    cfg = {"merge_method": "task_arithmetic", "dtype": "float16", "base_model": str(family_fp32["base"]),
+           "models": [{"model": str(up), "parameters": {"weight": 2.0}},  # 2 x 6e4 is inf, 2 x -6e4 is -inf
+                      {"model": str(down), "parameters": {"weight": 2.0}}]}
+    msg = run_and_fail(tmp_path, cfg, ConfigError)
+    assert "tensor 'model.norm.weight'" in msg and "not finite in float16" in msg and "NaN" in msg, msg
 
 
 def test_models_of_different_depths_name_each_depth(family_fp32, tmp_path, no_tensor_reads):
