@@ -70,12 +70,21 @@ def sce(tensors: list[Tensor], base: Tensor, *, select_topk: float = 1.0, int8_m
     if not tensors:
         return base
     mask_dtype = torch.int8 if int8_mask else base.dtype
-    deltas = torch.stack([t - base for t in tensors], dim=0)
+    deltas = base.new_empty((len(tensors), *base.shape))
+    for i, t in enumerate(tensors):
+        torch.sub(t, base, out=deltas[i])
     if select_topk < 1:
-        deltas = deltas * variance_mask(deltas, select_topk, mask_dtype).unsqueeze(0)
-    agree = P.agreement_mask(deltas, "sum", int8=int8_mask)
+        deltas *= variance_mask(deltas, select_topk, mask_dtype).unsqueeze(0)
     w = energy_weights(deltas)
-    w = w.view(-1, *([1] * (deltas.dim() - 1)))
-    erased = w * agree
-    merged = (deltas * erased).sum(dim=0)
-    return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
+    # the rest is element-wise across the tensor (a sign vote and a weighted mean over the models at each
+    # position), so it runs over slices: the same bits, and no stack-sized sign, mask or product temporaries
+    flat = deltas.view(len(tensors), -1)
+    out = torch.empty_like(base).view(-1)
+    bflat = base.reshape(-1)
+    wcol = w.view(-1, 1)
+    for s in range(0, flat.shape[1], B.CHUNK):
+        part = flat[:, s:s + B.CHUNK]
+        erased = wcol * P.agreement_mask(part, "sum", int8=int8_mask)
+        merged = (part * erased).sum(dim=0)
+        torch.add(bflat[s:s + B.CHUNK], merged / torch.sum(erased, dim=0).clamp(min=1e-6), out=out[s:s + B.CHUNK])
+    return out.view(base.shape)
