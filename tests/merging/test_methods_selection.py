@@ -99,6 +99,16 @@ def test_population_variance_is_torch_var_bit_for_bit(dtype, n):
         assert bool(((ours == ref) | ours.isnan()).all())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sce_over_several_slices_matches_mergekit(dtype):
+    from merging.bitwise import CHUNK
+
+    base, models = family(dtype, shape=(CHUNK // 500 + 3, 1000), n=3, seed=4)  # two slices and a short third
+    with P.tie_break("torch"):
+        out, ref = both("sce", base, models, {"select_topk": 0.5})
+    assert same_bits(out, ref)
+
+
 def test_sce_selects_by_variance_and_erases_minority_signs():
     base = torch.zeros(4)
     a = torch.tensor([1.0, 0.1, -1.0, 2.0])
