@@ -35,7 +35,7 @@ from merging.engine import run_merge
 from merging.errors import AlloyError
 from test_parity import load_dir, run_mergekit, ulp_diff
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None, print_blob=False,
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None, print_blob=False,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.filter_too_much])
 
