@@ -22,16 +22,19 @@ def population_variance(deltas: Tensor) -> Tensor:
     n = deltas.shape[0]
     flat = deltas.reshape(n, -1)
     out = torch.empty(flat.shape[1], dtype=deltas.dtype)
+    # four float64 slice buffers, reused: no allocation per step
+    mean_, m2_, x_, d_ = torch.empty((4, min(B.CHUNK, flat.shape[1])), dtype=torch.float64)
     for s in range(0, flat.shape[1], B.CHUNK):
         part = flat[:, s:s + B.CHUNK]
-        mean = torch.zeros(part.shape[1], dtype=torch.float64)
-        m2 = torch.zeros_like(mean)
+        m = part.shape[1]
+        mean, m2, x, d = mean_[:m].zero_(), m2_[:m].zero_(), x_[:m], d_[:m]
         for i in range(n):
-            x = part[i].double()
-            d = x - mean
-            mean += d / (i + 1)
-            m2 += d * (x - mean)
-        out[s:s + B.CHUNK] = m2 / n
+            x.copy_(part[i])
+            torch.sub(x, mean, out=d)
+            mean.add_(d / (i + 1))
+            x.sub_(mean)
+            m2.add_(d.mul_(x))  # two roundings, as torch.var's loop (addcmul may fuse them)
+        out[s:s + B.CHUNK] = m2.div_(n)
     return out.view(deltas.shape[1:])
 
 
