@@ -77,11 +77,18 @@ def _nuslerp(t: float, v0: Tensor, v1: Tensor, dim: int, flatten: bool, eps: flo
     u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
     u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
     cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    del u0, u1
     colinear = (1 - cos.square()) <= eps ** 2
+    if flatten and bool(colinear):  # one vector: one branch, the same values as torch.where over both
+        return ((1 - t) * v0 + t * v1).reshape(shape)
     theta = torch.acos(torch.where(colinear, 0, cos))
     sin_theta = torch.sin(theta)
-    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
-    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    # in place where mergekit makes a temporary per step: the same operations, so the same bits
+    out = torch.sin((1 - t) * theta) * v0
+    out += torch.sin(t * theta) * v1
+    out /= sin_theta
+    if not flatten:
+        out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
     if dim != -1 and not flatten:
         out = out.transpose(dim, -1)
     return out.reshape(shape)
