@@ -135,21 +135,28 @@ def multislerp(tensors: list[Tensor], base: Tensor | None, *, weight: PerModel, 
             raise ConfigError(f"multislerp: weights {list(weight)} sum to 0 with normalize_weights: true")
         w = w / w.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
+    units = flat.div_(norms + eps)  # in place: the deltas are recomputed if the fallback below needs them
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
-        if stacked.shape[0] != 2:
+        if len(tensors) != 2:
             raise ConfigError("multislerp: the weighted directions cancel out (antipodal inputs with balancing "
                               "weights); change the weights")
-        out = (stacked[0] * w[0] + stacked[1] * w[1]).view(stacked.shape[1:])
+        d0, d1 = (x - base if base is not None else x for x in tensors)
+        out = d0 * w[0] + d1 * w[1]
         return out + base if base is not None else out
     mean = mean / mean_norm
     dots = (units * mean).sum(-1, keepdim=True)
-    tangent = ((units - dots * mean) * w.view(-1, 1)).sum(0)
+    along = dots * mean  # then, in place, (units - dots * mean) * w: the same operations, one [n, N] temporary
+    torch.sub(units, along, out=along)
+    along *= w.view(-1, 1)
+    shape = stacked.shape[1:]
+    del stacked, flat, units  # one buffer, the units now: freed before the sum
+    tangent = along.sum(0)
+    del along
     tangent_norm = torch.norm(tangent) + eps
     out = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
-    out = (out * (norms.squeeze(-1) * w).sum()).view(stacked.shape[1:])
+    out = (out * (norms.squeeze(-1) * w).sum()).view(shape)
     return out + base if base is not None else out
 
 

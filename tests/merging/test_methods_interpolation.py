@@ -153,6 +153,9 @@ def test_multislerp_degenerate_inputs():
     assert REGISTRY["multislerp"].call([a], None, {"weight": [2.0]}, {}) is a
     ref = merge_tensors([a, -a], "multislerp", parameters={"weight": [1.0, 1.0]})
     assert same_bits(REGISTRY["multislerp"].call([a, -a], None, {"weight": [1.0, 1.0]}, {}), ref)  # linear fallback
+    zero = torch.zeros_like(a)  # with a base: the fallback recomputes the deltas (the stack holds the units by then)
+    ref = merge_tensors([zero, a, -a], "multislerp", parameters={"weight": [1.0, 1.0]}, base_index=0)
+    assert same_bits(REGISTRY["multislerp"].call([a, -a], zero, {"weight": [1.0, 1.0]}, {}), ref)
     with pytest.raises(ConfigError, match="cancel"):
         REGISTRY["multislerp"].call([a, -a, a, -a], None, {"weight": 1.0}, {})
     with pytest.raises(ConfigError, match="sum to 0"):
