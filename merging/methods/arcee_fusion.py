@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from merging.bitwise import CHUNK
 from merging.methods.registry import merge_method
 
 _SAMPLE = 1_000_000  # quantiles of larger tensors come from this many elements drawn with replacement
@@ -37,5 +38,13 @@ def arcee_fusion(tensors: list[Tensor], base: Tensor, *, generator: torch.Genera
     other = tensors[0]
     score = importance(other, base)
     q1, median, q3 = _quantiles(score, torch.tensor([0.25, 0.5, 0.75]), generator)
-    mask = (score >= median + 1.5 * (q3 - q1)).float()
-    return base + (other - base) * mask
+    keep = (score >= median + 1.5 * (q3 - q1)).reshape(-1)
+    del score
+    # mergekit's base + (other - base) * keep.float(), element-wise, so a slice at a time: the same bits (float32 or
+    # wider, as its float mask promotes them) without three tensor-sized float32 temporaries
+    ob, bb = other.reshape(-1), base.reshape(-1)
+    out = torch.empty(ob.shape, dtype=torch.promote_types(base.dtype, torch.float32), device=base.device)
+    for s in range(0, ob.numel(), CHUNK):
+        sl = slice(s, s + CHUNK)
+        torch.add(bb[sl], (ob[sl] - bb[sl]) * keep[sl].float(), out=out[sl])
+    return out.view(base.shape)

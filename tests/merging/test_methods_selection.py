@@ -140,8 +140,9 @@ def test_arcee_fusion_matches_mergekit(dtype):
     assert same_bits(out, ref)
 
 
-def test_arcee_fusion_samples_large_tensors_from_the_seed():
-    base, models = family(torch.float32, shape=(1000, 1050), n=1, scale=0.2)  # over the 1e6 sampling bound
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_arcee_fusion_samples_large_tensors_from_the_seed(dtype):
+    base, models = family(dtype, shape=(1000, 1050), n=1, scale=0.2)  # over the 1e6 sampling bound, 3 slices
     out, ref = both("arcee_fusion", base, models, seed=4)
     assert same_bits(out, ref)
     again, _ = both("arcee_fusion", base, models, seed=4)
