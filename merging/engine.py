@@ -145,7 +145,8 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
 
     consume: empty `inputs` once they are cast, so that (when the caller keeps no other reference) the read buffers are
     freed before the method makes its temporaries. It matters where the compute dtype differs from the stored one
-    (linear and slerp compute bf16 inputs in fp32): two bf16 32000x2048 embeddings are 262 MB of read buffers."""
+    (linear and slerp compute bf16 inputs in fp32): two bf16 32000x2048 embeddings are 262 MB of read buffers.
+    The method is then told it owns its inputs (MethodSpec.inplace: karcher normalises them in place)."""
     if kernels is None:
         kernels = device.startswith("cuda")
 
@@ -186,7 +187,7 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
             if task.side:
                 per_model = {**per_model, **{p: [None if t is None else t.to(device) for t in ts]
                                              for p, ts in (side or {}).items()}}
-            out = spec.call(xs, b, per_model, task.global_params, generator=gen, fn=fn)
+            out = spec.call(xs, b, per_model, task.global_params, generator=gen, fn=fn, owned=consume)
     if tuple(out.shape) != task.shape:
         raise AlloyError(f"tensor {task.name!r}: method {task.method} produced shape {tuple(out.shape)}, expected {task.shape}")
     out = out.to(task.dtype).cpu()

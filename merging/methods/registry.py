@@ -31,6 +31,9 @@ class MethodSpec:
     # per-model parameters naming a safetensors file: the engine reads, for each tensor, the file's tensor of the
     # same name and passes it (None where the file has none) in place of the path (RegMean's Gram matrices)
     side_inputs: tuple[str, ...] = ()
+    # the function takes `owned`: when the caller passes owned=True (the engine, whose read buffers nobody else
+    # holds) it may overwrite its input tensors instead of allocating tensor-sized working copies
+    inplace: bool = False
 
     @property
     def parameters(self) -> set[str]:
@@ -38,8 +41,10 @@ class MethodSpec:
 
     def call(self, tensors: list[torch.Tensor], base: torch.Tensor | None, per_model: dict[str, list],
              global_params: dict[str, Any], generator: torch.Generator | None = None,
-             fn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+             fn: Callable[..., torch.Tensor] | None = None, owned: bool = False) -> torch.Tensor:
         """Check counts and parameters, broadcast scalar per-model values, then run the function.
+
+        owned: the tensors are the caller's to lose (an `inplace` method may overwrite them); a kernel never does.
 
         Raises ConfigError (one line naming the method and the parameter) for what a config can get wrong.
         """
@@ -61,6 +66,8 @@ class MethodSpec:
             kwargs[_py_name(key)] = value
         if self.seeded:
             kwargs["generator"] = generator
+        if self.inplace and fn is None:
+            kwargs["owned"] = owned
         fn = fn or self.fn  # a kernel with the same signature, when merging on a GPU
         if self.base:
             return fn(tensors, base, **kwargs)
@@ -111,7 +118,8 @@ def merge_method(name: str, *, paper: str = "", base: bool | str = False, min_mo
                  max_models: int | None = None, side_inputs: tuple[str, ...] = ()):
     """Register `fn(tensors, [base,] *, params...)`; keyword-only parameters annotated PerModel are per model.
 
-    A keyword-only parameter without a default is required; `generator` marks the method as seeded.
+    A keyword-only parameter without a default is required; `generator` marks the method as seeded, `owned` as one
+    that may work in its input tensors when the caller gives them up (MethodSpec.inplace).
     side_inputs: per-model parameters whose value is a safetensors file of per-tensor statistics (see MethodSpec).
     """
 
@@ -120,12 +128,15 @@ def merge_method(name: str, *, paper: str = "", base: bool | str = False, min_mo
         per_model: dict[str, Any] = {}
         glob: dict[str, Any] = {}
         required: set[str] = set()
-        seeded = False
+        seeded = inplace = False
         for p in sig.parameters.values():
             if p.kind is not inspect.Parameter.KEYWORD_ONLY:
                 continue
             if p.name == "generator":
                 seeded = True
+                continue
+            if p.name == "owned":
+                inplace = True
                 continue
             if p.default is inspect.Parameter.empty:
                 required.add(_yaml_name(p.name))
@@ -139,7 +150,7 @@ def merge_method(name: str, *, paper: str = "", base: bool | str = False, min_mo
         if unknown:
             raise ValueError(f"merge method {name!r}: side input {unknown[0]!r} is not a per-model parameter")
         REGISTRY[name] = MethodSpec(name, fn, paper, base, per_model, glob, seeded, min_models, max_models,
-                                    frozenset(required), tuple(side_inputs))
+                                    frozenset(required), tuple(side_inputs), inplace)
         fn.spec = REGISTRY[name]  # type: ignore[attr-defined]
         return fn
 

@@ -49,16 +49,28 @@ def variance_mask(deltas: Tensor, density: float, dtype: torch.dtype) -> Tensor:
     k = int(torch.count_nonzero(var) * density)
     if k == 0:
         return torch.zeros_like(var, dtype=dtype)
+    var.abs_()  # a no-op on a variance but for a NaN's sign bit (mergekit ranks |var|)
     if P.current_tie_break() == "torch":
         mask = torch.zeros_like(var, dtype=dtype)
-        mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
+        mask.view(-1)[torch.topk(var.view(-1), k=k, largest=True).indices] = 1
         return mask
-    return P.rank_range_mask(var.abs(), 0, k, descending=True).to(dtype)
+    return P.rank_range_mask(var, 0, k, descending=True).to(dtype)
 
 
 def energy_weights(deltas: Tensor) -> Tensor:
     """Each model's mean squared delta, normalised to sum to 1 (uniform when all are ~0)."""
-    energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)
+    if deltas.device.type == "cpu" and deltas.dtype in (torch.bfloat16, torch.float16):
+        # torch's CPU mean of a half tensor sums a float32 copy, divides, rounds back: the same here, with the
+        # float32 copy of the squares written a slice at a time (no half-precision square stack beside it)
+        squares = torch.empty(flat.shape, dtype=torch.float32)
+        for s in range(0, flat.shape[1], B.CHUNK):
+            squares[:, s:s + B.CHUNK] = flat[:, s:s + B.CHUNK].square()
+        energy = squares.sum(dim=1).div_(flat.shape[1]).to(deltas.dtype)
+        del squares
+    else:
+        energy = deltas.square().reshape(n, -1).mean(dim=1)
     total = torch.sum(energy).item()
     if abs(total) < 1e-6:
         return torch.ones_like(energy) / energy.shape[0]
@@ -67,15 +79,19 @@ def energy_weights(deltas: Tensor) -> Tensor:
 
 @merge_method("sce", paper="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models (SCE: select, calculate, "
               "erase), arXiv:2408.07990", base=True)
-def sce(tensors: list[Tensor], base: Tensor, *, select_topk: float = 1.0, int8_mask: bool = False) -> Tensor:
+def sce(tensors: list[Tensor], base: Tensor, *, select_topk: float = 1.0, int8_mask: bool = False,
+        owned: bool = False) -> Tensor:
     """Keep the select_topk share of elements whose deltas vary most across models, weight each model by its
-    delta energy, drop deltas against the elected ('sum') sign, and take the weighted mean of the rest."""
+    delta energy, drop deltas against the elected ('sum') sign, and take the weighted mean of the rest.
+    When `owned`, each model leaves `tensors` once its delta is taken."""
     if not tensors:
         return base
     mask_dtype = torch.int8 if int8_mask else base.dtype
     deltas = base.new_empty((len(tensors), *base.shape))
-    for i, t in enumerate(tensors):
-        torch.sub(t, base, out=deltas[i])
+    for i in range(len(tensors)):
+        torch.sub(tensors[i], base, out=deltas[i])
+        if owned:
+            tensors[i] = None  # the read buffer is freed now, not when the merge of this tensor returns
     if select_topk < 1:
         deltas *= variance_mask(deltas, select_topk, mask_dtype).unsqueeze(0)
     w = energy_weights(deltas)

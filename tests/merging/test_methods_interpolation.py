@@ -173,6 +173,21 @@ def test_karcher_matches_mergekit(dtype):
         assert same_bits(REGISTRY["karcher"].call(tensors, None, {}, params), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_karcher_owned_inputs_leave_the_list_and_change_no_bit(dtype):
+    from merging.methods.spherical import _CHUNK
+
+    tensors = [randn((3, _CHUNK // 3 + 7), s, dtype) for s in (1, 2, 3)]  # two slices, the last one short
+    tensors.append(tensors[1] * 0)  # a zero input: left out of the direction
+    ref = merge_tensors(tensors, "karcher", parameters={"max_iter": 4})
+    given = [t.clone() for t in tensors]
+    assert same_bits(REGISTRY["karcher"].call(given, None, {}, {"max_iter": 4}), ref)
+    assert all(torch.equal(a, b) for a, b in zip(given, tensors))  # not owned: the caller's tensors untouched
+    owned = [t.clone() for t in tensors]
+    assert same_bits(REGISTRY["karcher"].call(owned, None, {}, {"max_iter": 4}, owned=True), ref)
+    assert owned == [None] * 4  # each read buffer let go as its unit vector was made
+
+
 def test_karcher_zero_inputs_and_the_spherical_mean():
     zeros = [torch.zeros(4), torch.zeros(4)]
     assert torch.equal(REGISTRY["karcher"].call(zeros, None, {}, {}), torch.zeros(4))

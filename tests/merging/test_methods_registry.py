@@ -66,10 +66,34 @@ def test_decorator_reads_the_signature():
     try:
         spec = REGISTRY["__probe__"]
         assert spec.per_model == {"w": None} and spec.globals == {"scale": 2.0, "lambda": 1.0}
-        assert spec.seeded and spec.required == {"w"} and spec.base == "optional"
+        assert spec.seeded and spec.required == {"w"} and spec.base == "optional" and not spec.inplace
         with pytest.raises(ConfigError, match="at least 2"):
             spec.call([torch.ones(1)], None, {"w": 1.0}, {})
         with pytest.raises(ValueError, match="twice"):
             merge_method("__probe__")(probe)
     finally:
         del REGISTRY["__probe__"]
+
+
+def test_owned_is_passed_to_inplace_methods_only_and_is_no_parameter():
+    seen = []
+
+    @merge_method("__owner__", paper="none")
+    def owner(tensors, *, scale: float = 1.0, owned: bool = False):
+        seen.append(owned)
+        return tensors[0] * scale
+
+    try:
+        spec = REGISTRY["__owner__"]
+        assert spec.inplace and spec.parameters == {"scale"}
+        x = torch.ones(2)
+        spec.call([x], None, {}, {})
+        spec.call([x], None, {}, {}, owned=True)
+        assert seen == [False, True]
+        with pytest.raises(ConfigError, match="unknown parameter.*owned"):  # not settable from a config
+            spec.call([x], None, {}, {"owned": True})
+        spec.call([x], None, {}, {}, owned=True, fn=lambda ts, **kw: ts[0])  # a kernel is not handed `owned`
+        assert seen == [False, True]
+    finally:
+        del REGISTRY["__owner__"]
+    assert {n for n, s in REGISTRY.items() if s.inplace} == {"karcher", "sce"}

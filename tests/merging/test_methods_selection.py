@@ -99,6 +99,41 @@ def test_population_variance_is_torch_var_bit_for_bit(dtype, n):
         assert bool(((ours == ref) | ours.isnan()).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_energy_weights_are_torch_mean_bit_for_bit(dtype, threads):
+    """The float32 squares are built a slice at a time; torch's half-precision mean is checked to be that sum."""
+    from merging.bitwise import CHUNK
+    from merging.methods.sce import energy_weights
+
+    def reference(deltas):
+        energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
+        total = torch.sum(energy).item()
+        return torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        for n in (1, 2, 3):
+            for scale in (1e-4, 1.0, 40.0):
+                deltas = (torch.randn(n, 2, CHUNK + 777, generator=g) * scale).to(dtype)
+                ours, ref = energy_weights(deltas), reference(deltas)
+                assert ours.dtype == ref.dtype and torch.equal(ours, ref), (n, scale)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sce_owned_inputs_leave_the_list_and_change_no_bit(dtype):
+    base, models = family(dtype, n=3, seed=5)
+    params = {"select_topk": 0.5}
+    ref = REGISTRY["sce"].call([m.clone() for m in models], base, {}, params)
+    owned = [m.clone() for m in models]
+    assert same_bits(REGISTRY["sce"].call(owned, base, {}, params, owned=True), ref)
+    assert owned == [None] * 3
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sce_over_several_slices_matches_mergekit(dtype):
     from merging.bitwise import CHUNK
