@@ -42,7 +42,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("filter_wise", [False, True])
-@pytest.mark.parametrize("shape", [(32, 90), (77,)])
+@pytest.mark.parametrize("shape", [(32, 90), (77,), (601, 1000), (3, 211, 997), ()])  # 600K: slices of rows / elements
 def test_model_stock_matches_mergekit(dtype, filter_wise, shape):
     base, models = family(dtype, shape=shape)
     out, ref = both("model_stock", base, models, {"filter_wise": filter_wise})
