@@ -39,12 +39,15 @@ Sparsify = Callable[[Tensor, int], Tensor]  # (delta, model index) -> sparsified
 COMBINE_CHUNK = B.CHUNK
 
 
-def _sparsified(tensors: list[Tensor], base: Tensor, sparsify: Sparsify | None) -> Tensor:
+def _sparsified(tensors: list[Tensor], base: Tensor, sparsify: Sparsify | None, owned: bool = False) -> Tensor:
     """Stacked deltas [n, *shape] in the base's dtype, each sparsified on its whole tensor (thresholds, random
-    draws and L1 rescales see every element, as in mergekit)."""
+    draws and L1 rescales see every element, as in mergekit). owned: each model leaves `tensors` once its delta is
+    taken (its read buffer is freed before the next one's pruning temporaries and the combine)."""
     deltas = base.new_empty((len(tensors), *base.shape))
-    for i, t in enumerate(tensors):
-        torch.sub(t, base, out=deltas[i])
+    for i in range(len(tensors)):
+        torch.sub(tensors[i], base, out=deltas[i])
+        if owned:
+            tensors[i] = None
         if sparsify is not None:
             d = deltas[i]
             kept = sparsify(d, i)
@@ -69,14 +72,15 @@ def _combine_slice(deltas: Tensor, weights: Tensor, *, consensus: str | None, no
 
 
 def combine_deltas(tensors: list[Tensor], base: Tensor, weight: list[float], *, sparsify: Sparsify | None,
-                   consensus: str | None, normalize: bool, int8_mask: bool) -> Tensor:
+                   consensus: str | None, normalize: bool, int8_mask: bool, owned: bool = False) -> Tensor:
     """sum_i w_i * sparsify(t_i - base), restricted to the elected sign when `consensus`, divided by the weights that
     contributed to each element when normalize. Arithmetic and dtype follow mergekit 0.1.5 step by step."""
     return _combine(tensors, base, weight, sparsify=sparsify, consensus=consensus, normalize=normalize,
-                    int8_mask=int8_mask, lambda_=None)
+                    int8_mask=int8_mask, lambda_=None, owned=owned)
 
 
-def _combine(tensors, base, weight, *, sparsify, consensus, normalize, int8_mask, lambda_: float | None) -> Tensor:
+def _combine(tensors, base, weight, *, sparsify, consensus, normalize, int8_mask, lambda_: float | None,
+             owned: bool = False) -> Tensor:
     """combine_deltas, then (lambda_ not None) base + lambda_ * that, over slices of COMBINE_CHUNK elements.
 
     Without sparsification (a threshold or rescale needs the whole delta) the deltas too are taken a slice at a
@@ -85,7 +89,7 @@ def _combine(tensors, base, weight, *, sparsify, consensus, normalize, int8_mask
     fbase = base.reshape(-1)
     whole = sparsify is not None or not all(t.is_contiguous() for t in tensors)
     if whole:
-        flat = _sparsified(tensors, base, sparsify).view(n, -1)
+        flat = _sparsified(tensors, base, sparsify, owned).view(n, -1)
     else:
         flat = base.new_empty((n, min(COMBINE_CHUNK, fbase.numel())))
         inputs = [t.view(-1) for t in tensors]
@@ -112,12 +116,13 @@ def _combine(tensors, base, weight, *, sparsify, consensus, normalize, int8_mask
 
 def generalized_task_arithmetic(tensors: list[Tensor], base: Tensor, weight: list[float], *,
                                 sparsify: Sparsify | None, consensus: str | None, normalize: bool,
-                                int8_mask: bool, lambda_: float) -> Tensor:
-    """base + lambda * combine_deltas(...), in the base's dtype."""
+                                int8_mask: bool, lambda_: float, owned: bool = False) -> Tensor:
+    """base + lambda * combine_deltas(...), in the base's dtype. owned: the inputs may leave `tensors` (see
+    MethodSpec.inplace) once their deltas are taken."""
     if not tensors:
         return base
     return _combine(tensors, base, weight, sparsify=sparsify, consensus=consensus, normalize=normalize,
-                    int8_mask=int8_mask, lambda_=lambda_)
+                    int8_mask=int8_mask, lambda_=lambda_, owned=owned)
 
 
 _TA = "Ilharco et al. 2023, Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089"
@@ -142,87 +147,91 @@ def task_arithmetic(tensors: list[Tensor], base: Tensor, *, weight: PerModel, de
 @merge_method("ties", paper=_TIES, base=True)
 def ties(tensors: list[Tensor], base: Tensor, *, weight: PerModel, density: PerModel = 1.0,
          normalize: bool = True, rescale: bool = False, int8_mask: bool = False, lambda_: float = 1.0,
-         consensus_method: str = "sum") -> Tensor:
+         consensus_method: str = "sum", owned: bool = False) -> Tensor:
     """Trim each delta to its top-density magnitudes, elect a sign per element, average the agreeing deltas."""
     def prune(d: Tensor, i: int) -> Tensor:
         return P.magnitude_prune(d, model_value(density, i), rescale=rescale, inplace=True)
 
     return generalized_task_arithmetic(tensors, base, weight, sparsify=prune, consensus=consensus_method,
-                                       normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)
+                                       normalize=normalize, int8_mask=int8_mask, lambda_=lambda_, owned=owned)
 
 
-def _dare(tensors, base, weight, density, rescale, generator, consensus, normalize, int8_mask, lambda_):
+def _dare(tensors, base, weight, density, rescale, generator, consensus, normalize, int8_mask, lambda_, owned):
     def drop(d: Tensor, i: int) -> Tensor:
         return P.dare_drop(d, model_value(density, i), rescale=rescale, generator=generator, inplace=True)
 
     return generalized_task_arithmetic(tensors, base, weight, sparsify=drop, consensus=consensus,
-                                       normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)
+                                       normalize=normalize, int8_mask=int8_mask, lambda_=lambda_, owned=owned)
 
 
 @merge_method("dare_linear", paper=_DARE, base=True)
 def dare_linear(tensors: list[Tensor], base: Tensor, *, weight: PerModel, density: PerModel = 1.0,
                 normalize: bool = False, rescale: bool = True, int8_mask: bool = False, lambda_: float = 1.0,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, owned: bool = False) -> Tensor:
     """Drop each delta element with probability 1 - density, rescale (L1 ratio), weighted sum."""
-    return _dare(tensors, base, weight, density, rescale, generator, None, normalize, int8_mask, lambda_)
+    return _dare(tensors, base, weight, density, rescale, generator, None, normalize, int8_mask, lambda_, owned)
 
 
 @merge_method("dare_ties", paper=_DARE, base=True)
 def dare_ties(tensors: list[Tensor], base: Tensor, *, weight: PerModel, density: PerModel = 1.0,
               normalize: bool = False, rescale: bool = True, int8_mask: bool = False, lambda_: float = 1.0,
-              consensus_method: str = "sum", generator: torch.Generator | None = None) -> Tensor:
+              consensus_method: str = "sum", generator: torch.Generator | None = None,
+              owned: bool = False) -> Tensor:
     """DARE's random drop and rescale, then TIES' sign election."""
     return _dare(tensors, base, weight, density, rescale, generator, consensus_method, normalize, int8_mask,
-                 lambda_)
+                 lambda_, owned)
 
 
-def _breadcrumbs(tensors, base, weight, density, gamma, rescale, consensus, normalize, int8_mask, lambda_):
+def _breadcrumbs(tensors, base, weight, density, gamma, rescale, consensus, normalize, int8_mask, lambda_, owned):
     def prune(d: Tensor, i: int) -> Tensor:
         return P.breadcrumbs_prune(d, model_value(density, i), model_value(gamma, i), rescale=rescale)
 
     return generalized_task_arithmetic(tensors, base, weight, sparsify=prune, consensus=consensus,
-                                       normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)
+                                       normalize=normalize, int8_mask=int8_mask, lambda_=lambda_, owned=owned)
 
 
 @merge_method("breadcrumbs", paper=_BREADCRUMBS, base=True)
 def breadcrumbs(tensors: list[Tensor], base: Tensor, *, weight: PerModel, density: PerModel = 1.0,
                 gamma: PerModel = 0.01, normalize: bool = False, rescale: bool = False, int8_mask: bool = False,
-                lambda_: float = 1.0) -> Tensor:
+                lambda_: float = 1.0, owned: bool = False) -> Tensor:
     """Remove the gamma share of largest outliers and the smallest magnitudes of each delta, weighted sum."""
-    return _breadcrumbs(tensors, base, weight, density, gamma, rescale, None, normalize, int8_mask, lambda_)
+    return _breadcrumbs(tensors, base, weight, density, gamma, rescale, None, normalize, int8_mask, lambda_, owned)
 
 
 @merge_method("breadcrumbs_ties", paper=_BREADCRUMBS, base=True)
 def breadcrumbs_ties(tensors: list[Tensor], base: Tensor, *, weight: PerModel, density: PerModel = 1.0,
                      gamma: PerModel = 0.01, normalize: bool = False, rescale: bool = False,
-                     int8_mask: bool = False, lambda_: float = 1.0, consensus_method: str = "sum") -> Tensor:
+                     int8_mask: bool = False, lambda_: float = 1.0, consensus_method: str = "sum",
+                     owned: bool = False) -> Tensor:
     """Breadcrumbs' pruning, then TIES' sign election."""
     return _breadcrumbs(tensors, base, weight, density, gamma, rescale, consensus_method, normalize, int8_mask,
-                        lambda_)
+                        lambda_, owned)
 
 
-def _della(tensors, base, weight, density, epsilon, rescale, generator, consensus, normalize, int8_mask, lambda_):
+def _della(tensors, base, weight, density, epsilon, rescale, generator, consensus, normalize, int8_mask, lambda_,
+           owned):
     def drop(d: Tensor, i: int) -> Tensor:
         return P.della_drop(d, model_value(density, i), model_value(epsilon, i), rescale=rescale, generator=generator,
                             inplace=True)
 
     return generalized_task_arithmetic(tensors, base, weight, sparsify=drop, consensus=consensus,
-                                       normalize=normalize, int8_mask=int8_mask, lambda_=lambda_)
+                                       normalize=normalize, int8_mask=int8_mask, lambda_=lambda_, owned=owned)
 
 
 @merge_method("della", paper=_DELLA, base=True)
 def della(tensors: list[Tensor], base: Tensor, *, weight: PerModel, density: PerModel = 1.0,
           epsilon: PerModel = 0.15, normalize: bool = True, rescale: bool = True, int8_mask: bool = False,
-          lambda_: float = 1.0, consensus_method: str = "sum", generator: torch.Generator | None = None) -> Tensor:
+          lambda_: float = 1.0, consensus_method: str = "sum", generator: torch.Generator | None = None,
+          owned: bool = False) -> Tensor:
     """MagPrune (keep probability density +/- epsilon by magnitude rank within rows), rescale, sign election."""
     return _della(tensors, base, weight, density, epsilon, rescale, generator, consensus_method, normalize,
-                  int8_mask, lambda_)
+                  int8_mask, lambda_, owned)
 
 
 @merge_method("della_linear", paper=_DELLA, base=True)
 def della_linear(tensors: list[Tensor], base: Tensor, *, weight: PerModel, density: PerModel = 1.0,
                  epsilon: PerModel = 0.15, normalize: bool = False, rescale: bool = True, int8_mask: bool = False,
-                 lambda_: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+                 lambda_: float = 1.0, generator: torch.Generator | None = None, owned: bool = False) -> Tensor:
     """MagPrune and rescale, weighted sum without sign election."""
     return _della(tensors, base, weight, density, epsilon, rescale, generator, None, normalize, int8_mask,
-                  lambda_)
+                  lambda_, owned)

@@ -96,4 +96,5 @@ def test_owned_is_passed_to_inplace_methods_only_and_is_no_parameter():
         assert seen == [False, True]
     finally:
         del REGISTRY["__owner__"]
-    assert {n for n, s in REGISTRY.items() if s.inplace} == {"karcher", "sce"}
+    assert {n for n, s in REGISTRY.items() if s.inplace} == {"karcher", "sce", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                                                          "breadcrumbs_ties", "della", "della_linear"}

@@ -205,3 +205,21 @@ def test_combine_in_slices_gives_the_same_bytes(method, dtype, monkeypatch):
     sliced = run()
     assert same_bits(whole, sliced)
     assert not same_bits(whole, base)  # the merge did something
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+                                  "della_linear"])
+def test_owned_inputs_leave_the_list_and_change_no_bit(name):
+    base, models = family(torch.bfloat16)
+    params = {"density": 0.5} | ({"epsilon": 0.1} if name.startswith("della") else {})
+
+    def merge(tensors, owned):
+        gen = torch.Generator().manual_seed(7)
+        return REGISTRY[name].call(tensors, base, {"weight": WEIGHTS}, params, generator=gen, owned=owned)
+
+    given = [m.clone() for m in models]
+    ref = merge(given, False)
+    assert all(torch.equal(a, b) for a, b in zip(given, models))  # not owned: the caller keeps its tensors
+    owned = [m.clone() for m in models]
+    assert same_bits(merge(owned, True), ref)
+    assert owned == [None] * 3  # each read buffer let go once its delta was taken
