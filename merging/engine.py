@@ -146,7 +146,8 @@ def compute_tensor(task: TensorTask, inputs: list[torch.Tensor], base: torch.Ten
     consume: empty `inputs` once they are cast, so that (when the caller keeps no other reference) the read buffers are
     freed before the method makes its temporaries. It matters where the compute dtype differs from the stored one
     (linear and slerp compute bf16 inputs in fp32): two bf16 32000x2048 embeddings are 262 MB of read buffers.
-    The method is then told it owns its inputs (MethodSpec.inplace: karcher normalises them in place)."""
+    The method is then told it owns its inputs (MethodSpec.inplace: karcher, sce and the sparsifying task-arithmetic
+    methods let each go once used)."""
     if kernels is None:
         kernels = device.startswith("cuda")
 

@@ -22,7 +22,7 @@ import math
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -158,6 +158,32 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
         mask[order] = True
         return mask.view(delta.shape)
     return rank_range_mask(_sort_key(mag), n_bottom, n_bottom + keep, descending=False)
+
+
+# ------------------------------------------------------------------------------------------------------- deltas
+
+
+Sparsify = Callable[[Tensor, int], Tensor]  # (delta, model index) -> sparsified delta
+
+
+def stacked_deltas(tensors: list[Tensor], base: Tensor, sparsify: Sparsify | None = None, *,
+                   owned: bool = False) -> Tensor:
+    """[n, *shape] stack of t_i - base in the base's dtype; sparsify(delta, i), when given, runs on each whole delta
+    (thresholds, random draws and L1 rescales see every element, as in mergekit) and may work in place.
+
+    owned: the caller gives the inputs up (MethodSpec.inplace): each leaves `tensors` (set to None) once its delta
+    is taken, so its read buffer is freed before the next delta's temporaries and whatever follows the stack."""
+    deltas = base.new_empty((len(tensors), *base.shape))
+    for i in range(len(tensors)):
+        torch.sub(tensors[i], base, out=deltas[i])
+        if owned:
+            tensors[i] = None
+        if sparsify is not None:
+            d = deltas[i]
+            kept = sparsify(d, i)
+            if kept.data_ptr() != d.data_ptr():  # not sparsified in place
+                d.copy_(kept)
+    return deltas
 
 
 # ------------------------------------------------------------------------------------------------ prune and drop

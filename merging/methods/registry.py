@@ -32,7 +32,7 @@ class MethodSpec:
     # same name and passes it (None where the file has none) in place of the path (RegMean's Gram matrices)
     side_inputs: tuple[str, ...] = ()
     # the function takes `owned`: when the caller passes owned=True (the engine, whose read buffers nobody else
-    # holds) it may overwrite its input tensors instead of allocating tensor-sized working copies
+    # holds) it may drop its inputs from `tensors` once used, or overwrite them, so they are freed early
     inplace: bool = False
 
     @property
@@ -44,7 +44,8 @@ class MethodSpec:
              fn: Callable[..., torch.Tensor] | None = None, owned: bool = False) -> torch.Tensor:
         """Check counts and parameters, broadcast scalar per-model values, then run the function.
 
-        owned: the tensors are the caller's to lose (an `inplace` method may overwrite them); a kernel never does.
+        owned: the tensors are the caller's to lose (an `inplace` method may drop or overwrite them); a kernel is
+        never told.
 
         Raises ConfigError (one line naming the method and the parameter) for what a config can get wrong.
         """

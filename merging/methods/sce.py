@@ -87,11 +87,7 @@ def sce(tensors: list[Tensor], base: Tensor, *, select_topk: float = 1.0, int8_m
     if not tensors:
         return base
     mask_dtype = torch.int8 if int8_mask else base.dtype
-    deltas = base.new_empty((len(tensors), *base.shape))
-    for i in range(len(tensors)):
-        torch.sub(tensors[i], base, out=deltas[i])
-        if owned:
-            tensors[i] = None  # the read buffer is freed now, not when the merge of this tensor returns
+    deltas = P.stacked_deltas(tensors, base, owned=owned)
     if select_topk < 1:
         deltas *= variance_mask(deltas, select_topk, mask_dtype).unsqueeze(0)
     w = energy_weights(deltas)

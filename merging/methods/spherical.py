@@ -177,7 +177,8 @@ def karcher(tensors: list[Tensor], *, max_iter: int = 10, tol: float = 1e-5, own
     n = len(tensors)
     alphas = [1.0 / n] * n
     shape = tensors[0].shape
-    scratch = torch.empty(tensors[0].numel() if tensors[0].dtype != dtype else 0, dtype=dtype, device=tensors[0].device)
+    scratch = torch.empty(tensors[0].numel() if tensors[0].dtype != dtype else 0, dtype=dtype,
+                          device=tensors[0].device)
 
     def norm(x: Tensor) -> Tensor:
         # vector_norm(x.to(dtype)) with the copy in one reused buffer: the same values in the same layout (so the

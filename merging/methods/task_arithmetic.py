@@ -21,8 +21,6 @@ int8_mask. Variants differ by how each delta is sparsified and whether signs are
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
@@ -30,30 +28,13 @@ from merging import bitwise as B
 from merging import primitives as P
 from merging.methods.registry import PerModel, merge_method, model_value
 
-Sparsify = Callable[[Tensor, int], Tensor]  # (delta, model index) -> sparsified delta
+Sparsify = P.Sparsify
 
 
 # Elements per slice of the combine stage. Every step after sparsify is element-wise across models (weights, sign
 # election, disjoint mean, lambda, + base), so slicing the flattened tensors changes no element's arithmetic (the
 # bytes are the same) while the temporaries of each step stay in cache instead of streaming through memory.
 COMBINE_CHUNK = B.CHUNK
-
-
-def _sparsified(tensors: list[Tensor], base: Tensor, sparsify: Sparsify | None, owned: bool = False) -> Tensor:
-    """Stacked deltas [n, *shape] in the base's dtype, each sparsified on its whole tensor (thresholds, random
-    draws and L1 rescales see every element, as in mergekit). owned: each model leaves `tensors` once its delta is
-    taken (its read buffer is freed before the next one's pruning temporaries and the combine)."""
-    deltas = base.new_empty((len(tensors), *base.shape))
-    for i in range(len(tensors)):
-        torch.sub(tensors[i], base, out=deltas[i])
-        if owned:
-            tensors[i] = None
-        if sparsify is not None:
-            d = deltas[i]
-            kept = sparsify(d, i)
-            if kept.data_ptr() != d.data_ptr():  # not sparsified in place
-                d.copy_(kept)
-    return deltas
 
 
 def _combine_slice(deltas: Tensor, weights: Tensor, *, consensus: str | None, normalize: bool,
@@ -89,7 +70,7 @@ def _combine(tensors, base, weight, *, sparsify, consensus, normalize, int8_mask
     fbase = base.reshape(-1)
     whole = sparsify is not None or not all(t.is_contiguous() for t in tensors)
     if whole:
-        flat = _sparsified(tensors, base, sparsify, owned).view(n, -1)
+        flat = P.stacked_deltas(tensors, base, sparsify, owned=owned).view(n, -1)
     else:
         flat = base.new_empty((n, min(COMBINE_CHUNK, fbase.numel())))
         inputs = [t.view(-1) for t in tensors]
