@@ -121,7 +121,8 @@ def one_heap_arena() -> None:
         # Setting the mmap threshold freezes glibc's trim threshold at 128 KB: every free at the top of the heap
         # above that gave the pages back, and the next slice's temporaries (a 512K-element float32 accumulator is
         # 2 MB, a huge page) were faulted in and zeroed again, slice after slice. The heap is trimmed once per output
-        # tensor instead (release_free_memory). Measured, one thread, 32000x2048 bf16 linear of two: 424 ms -> 68 ms.
+        # tensor instead (release_free_memory). Measured: one thread, a 32000x2048 bf16 linear of two 424 -> 68 ms;
+        # in merges of the benchmark family (benchmarks/RESULTS.md) page faults ties 832K -> 473K, dare_ties 467K -> 336K.
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
