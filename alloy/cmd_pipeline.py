@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from merging.errors import InputError
+from merging.folders import replace_folder
 
 # Set before prefect/mlflow/transformers are imported; a user's own settings win.
 _ENV_DEFAULTS = {
@@ -144,8 +145,7 @@ def write_configs(params_path: str, overrides: list[str], out_dir: str) -> list[
     # what the grams stage computes: it depends on this file, not on every candidate parameter
     needed = needed_grams(candidates, params_path)
     (tmp / "grams.json").write_text(json.dumps(needed, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_folder(tmp, out)
     return written
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from alloy.pipeline_params import GramSpec, Params, SearchSpec, gram_spec, model_name_of, primary_scores
 from merging.errors import ConfigError, InputError
+from merging.folders import publish_once
 
 # Parameters a method declares but does not use: searching them would only add noise dimensions.
 _UNUSED = {("task_arithmetic", "density")}
@@ -312,12 +313,7 @@ def tune_data_dir(data_dir: str | Path, fallback: str | Path) -> Path:
         tmp = out.with_name(f".{out.name}.{os.getpid()}")
         write_tune_data(tmp, heldout_dir=data)
         tmp.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.rename(out)
-        except OSError:  # written by another process meanwhile: same bytes
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_once(tmp, out)  # or another process wrote the same bytes meanwhile
     return out
 
 

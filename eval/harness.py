@@ -27,6 +27,7 @@ from typing import Any
 
 from eval import skills as bundled
 from merging.errors import InputError
+from merging.folders import publish_once
 
 CACHE_VERSION = 1
 _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
@@ -64,12 +65,7 @@ def default_data_dir(cache_dir: Path) -> Path:
     if not (out / "heldout.jsonl").is_file():
         tmp = Path(tempfile.mkdtemp(prefix=".skill-data-", dir=cache_dir))
         write_skill_data(tmp, seed=0)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process wrote it first: same bytes
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_once(tmp, out)  # or another process wrote the same bytes first
     return out
 
 

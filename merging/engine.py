@@ -34,6 +34,7 @@ import torch
 from merging.config import MergeConfig, load_config
 from merging.checks import all_finite, current_nan_policy
 from merging.errors import AlloyError, ConfigError, OutputError
+from merging.folders import replace_folder
 from merging.guard import check_output_folder
 from merging.io import ShardFile, ShardLayout, encode_header, read_tensor
 from merging.methods.registry import REGISTRY
@@ -515,13 +516,7 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
         manifest = finalize(plan, tmp, layout, tensor_sha, seed=seed, extra_card=extra_card, run_info=run_info)
         (tmp / JOURNAL).unlink()
         _fsync_dir(tmp)
-        if out_dir.exists():  # only reachable with overwrite=True (checked before planning)
-            trash = out_dir.parent / f".{out_dir.name}.alloy-old-{os.getpid()}"  # never a folder of the user's
-            out_dir.rename(trash)
-            tmp.rename(out_dir)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(out_dir)
+        replace_folder(tmp, out_dir, aside="alloy-old")  # an existing out_dir only with overwrite=True
         _fsync_dir(out_dir.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

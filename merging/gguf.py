@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from merging.errors import ConfigError, InputError, OutputError
+from merging.folders import replace_folder
 from merging.guard import check_output_folder
 from merging.hashing import file_sha256
 
@@ -524,15 +525,7 @@ def import_gguf(source: Source, out_dir: str | os.PathLike, *, dtype: str = "bfl
         manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
                              for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / SOURCE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_folder(tmp, out)  # aside as .OUT.replaced-PID, which _remove_stale_temporaries knows
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

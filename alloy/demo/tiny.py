@@ -26,6 +26,7 @@ from pathlib import Path
 
 from alloy.demo import skills as sk
 from merging.errors import ConfigError, OutputError
+from merging.folders import replace_folder
 
 # Every character the prompts use; anything else maps to <unk>.
 CHARSET = " \n" + string.ascii_letters + string.digits + ".,?!:;'+-=()"
@@ -304,10 +305,7 @@ def build_tiny_family(
         data_paths = sk.write_skill_data(tmp / "data", seed=seed, n_eval=n_eval)
         # Timings vary run to run; keep them out of the deterministic bytes.
         (tmp / "family.json").write_text(json.dumps({k: v for k, v in info.items() if k != "seconds"}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
