@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from merging.config import read_yaml
 from merging.errors import ConfigError
 
 Scalar = Union[bool, int, float, str]
@@ -468,18 +469,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_params(path: str | os.PathLike, overrides: list[str] | None = None) -> Params:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"params file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
-        raise ConfigError(f"{path}:{where} YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    data = read_yaml(path, "params file")
     if overrides:
         data = apply_overrides(data if isinstance(data, dict) else {}, overrides)
     return parse_params(data, root=path.resolve().parent, source=str(path))

@@ -300,26 +300,30 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         raise ConfigError(f"{source}: {_loc(best['loc'])}: {msg}") from None
 
 
-def load_config(path: str | Path) -> MergeConfig:
+def read_yaml(path: str | Path, kind: str = "config file") -> Any:
+    """A YAML file's data, or one ConfigError line naming the file (and the line and column of a syntax error)."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(f"{kind} {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
     try:
-        data = yaml.safe_load(text)  # the safe loader: no tag can build a Python object or run code
+        return yaml.safe_load(text)  # the safe loader: no tag can build a Python object or run code
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f"{path}: line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
         if isinstance(e, yaml.constructor.ConstructorError) and "tag" in str(getattr(e, "problem", "")):
             quoted = re.search(r"'([^']*)'", str(e.problem))
             tag = (quoted.group(1) if quoted else str(e.problem)).replace("tag:yaml.org,2002:", "!!")
-            raise ConfigError(f"{path}:{where}: YAML tag {tag!r} is not allowed (configs are plain data)") from None
+            raise ConfigError(f"{where}: YAML tag {tag!r} is not allowed (configs are plain data)") from None
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
-    return parse_config(data, str(path))
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    return parse_config(read_yaml(path), str(path))
 
 
 def evaluate(setting: Any, tensor_name: str, t: float, *, interpolate: bool = True) -> Any:

@@ -87,3 +87,19 @@ def test_lora_references_in_every_mergekit_spelling(ref):
     assert [str(r) for r in cfg.referenced_models()] == ["a@r1+ad@r2", "b"]
     again = parse_config(__import__("yaml").safe_load(cfg.to_yaml()))  # written back as `a@r1+ad@r2`
     assert again == cfg and "a@r1+ad@r2" in cfg.to_yaml()
+
+
+def test_yaml_errors_name_the_file_and_the_place_once(tmp_path):
+    from merging.config import read_yaml
+
+    bad = tmp_path / "c.yml"
+    bad.write_text("merge_method: linear\nmodels: [a, b\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert str(e.value).startswith(f"{bad}: line 3, column 1: YAML syntax error: ")
+    bad.write_text("a: \x07\n")  # a control character: PyYAML's reader error carries no line and column
+    with pytest.raises(ConfigError) as e:
+        read_yaml(bad, "params file")
+    assert str(e.value).startswith(f"{bad}: YAML syntax error: ")
+    with pytest.raises(ConfigError, match=r"^params file .*gone\.yml does not exist$"):
+        read_yaml(tmp_path / "gone.yml", "params file")
