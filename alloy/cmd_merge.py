@@ -55,14 +55,76 @@ def parser() -> argparse.ArgumentParser:
                    help="merge `base+adapter` models in this dtype (float32, bfloat16, float16, float64; default: the "
                         "base's), as mergekit's option: the base's floating tensors are cast to it first")
     p.add_argument("--no-progress", action="store_true")
+    _mergekit_options(p)
     return p
+
+
+def _mergekit_options(p: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's other options, so that its command lines run unchanged: those alloy acts on, those that ask
+    for what alloy always does (accepted, nothing to change), and two it refuses."""
+    g = p.add_argument_group("mergekit-yaml options")
+    yes_no = argparse.BooleanOptionalAction
+    g.add_argument("--no-cuda", dest="device", action="store_const", const="cpu", help="the same as --device cpu")
+    g.add_argument("--allow-crimes", action=yes_no, default=False,
+                   help="merge models whose config.json names different architectures (their tensors must still "
+                        "match by name and shape)")
+    g.add_argument("--copy-tokenizer", action=yes_no, default=True,
+                   help="copy the tokenizer into the output (default); --no-copy-tokenizer writes one only when the "
+                        "config builds it (tokenizer_source / tokenizer)")
+    g.add_argument("--write-model-card", action=yes_no, default=True, help="write README.md (default)")
+    g.add_argument("--transformers-cache", default=None, metavar="DIR",
+                   help="download hub ids into DIR instead of huggingface_hub's cache")
+    g.add_argument("--quiet", action=yes_no, default=False, help="no progress bar and no summary line")
+    g.add_argument("-v", dest="verbose", action="count", default=0, help="log what alloy does (-vv: more)")
+    g.add_argument("-j", "--num-threads", type=int, default=None, metavar="N",
+                   help="compute N tensors side by side (default: one per core)")
+    g.add_argument("--gpu-rich", dest="device", action="store_const", const="cuda", help="the same as --cuda")
+    g.add_argument("--multi-gpu", action=yes_no, default=False,
+                   help="implies --cuda; alloy merges on one GPU (says so when given)")
+    always = {  # what each asks for, and why alloy needs nothing to do it
+        "--lazy-unpickle": "alloy maps checkpoints (pickles too, with --allow-pickle) and reads each tensor as it is merged",
+        "--low-cpu-memory": "alloy holds a few tensors at a time",
+        "--read-to-gpu": "with --cuda each tensor's inputs go to the GPU to be merged there",
+        "--async-write": "alloy always writes in a thread of its own",
+        "--clone-tensors": "alloy writes each tensor's bytes on its own: tensors sharing memory are fine",
+        "--trust-remote-code": "alloy reads config.json and tensors only, never a model's Python code",
+    }
+    for flag, why in always.items():
+        g.add_argument(flag, action=yes_no, default=False, help=f"accepted: {why}")
+    g.add_argument("--write-threads", type=int, default=None, metavar="N", help="accepted: one writer thread suffices")
+    g.add_argument("--safe-serialization", action=yes_no, default=True,
+                   help="safetensors output, the only kind alloy writes (--no-safe-serialization is refused)")
+    g.add_argument("--unsafe-truncate-embeddings", action=yes_no, default=False,
+                   help="refused: give a tokenizer section (tokenizer: {source: base}) instead")
+
+
+def _check_mergekit_options(args: argparse.Namespace) -> None:
+    if not args.safe_serialization:
+        raise ConfigError("--no-safe-serialization: alloy writes safetensors only (pickled checkpoints can run code "
+                          "when loaded)")
+    if args.unsafe_truncate_embeddings:
+        raise ConfigError("--unsafe-truncate-embeddings: not supported; a tokenizer section (tokenizer: {source: "
+                          "base}) keeps the base's rows by token, not by position")
+    if args.num_threads is not None and args.num_threads < 1:
+        raise ConfigError(f"--num-threads: must be at least 1, got {args.num_threads}")
+    if args.multi_gpu:
+        args.device = "cuda" if args.device == "cpu" else args.device
+        print("alloy: --multi-gpu: alloy merges on one GPU", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    _check_mergekit_options(args)
+    import logging
+    import os
     import signal
     from pathlib import Path
 
+    if args.verbose:
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("alloy").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
+    if args.num_threads is not None:
+        os.environ["ALLOY_COMPUTE_WORKERS"] = str(args.num_threads)  # read by merging.engine.compute_workers
     from merging.engine import partial_folder, run_merge
 
     def terminated(signum, frame):  # `kill` stops a merge as Ctrl-C does: lock released, finished shards kept
@@ -72,9 +134,12 @@ def main(argv: list[str]) -> int:
     try:
         result = run_merge(args.config, args.out_dir, seed=args.seed, device=args.device,
                            shard_size=parse_size(args.shard_size), dtype=args.dtype, resume=args.resume,
-                           overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
+                           overwrite=args.overwrite,
+                           progress=not (args.no_progress or args.quiet) and sys.stderr.isatty(),
                            allow_pickle=args.allow_pickle, tie_break=args.tie_break, nan_policy=args.nan_policy,
-                           lora_cache=args.lora_merge_cache, lora_dtype=args.lora_merge_dtype)
+                           lora_cache=args.lora_merge_cache, lora_dtype=args.lora_merge_dtype,
+                           allow_crimes=args.allow_crimes, copy_tokenizer=args.copy_tokenizer,
+                           model_card=args.write_model_card, hub_cache=args.transformers_cache)
     except KeyboardInterrupt:
         tmp = partial_folder(Path(args.out_dir).absolute())
         if tmp.exists():
@@ -82,5 +147,6 @@ def main(argv: list[str]) -> int:
                   "from them", file=sys.stderr)
             return 130
         raise
-    print(result.summary())
+    if not args.quiet:
+        print(result.summary())
     return 0

@@ -377,7 +377,8 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: in
               progress: bool = True, model_paths: dict[str, Path] | None = None, allow_pickle: bool = False,
               extra_card: dict | None = None, tie_break: str = "index", kernels: bool | None = None,
               nan_policy: str | None = None, lora_cache: str | Path | None = None,
-              lora_dtype: str | None = None) -> MergeResult:
+              lora_dtype: str | None = None, allow_crimes: bool = False, copy_tokenizer: bool = True,
+              model_card: bool = True, hub_cache: str | Path | None = None) -> MergeResult:
     """Merge to a Hugging Face checkpoint folder, atomically. See docs/design.md.
 
     tie_break: which of several elements tied at a magnitude threshold are kept — "index" (the first by position:
@@ -386,18 +387,23 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: in
     kernels: use the Triton kernels (default: on CUDA only; on CPU they need TRITON_INTERPRET=1, for tests).
     lora_cache: where `base+adapter` models are merged once and reused (default: merging.plan.default_lora_cache()).
     lora_dtype: the dtype they are merged in (mergekit's --lora-merge-dtype; default: the base's).
+    allow_crimes, copy_tokenizer, model_card, hub_cache: mergekit's --allow-crimes (models of different
+    architectures), --no-copy-tokenizer, --no-write-model-card and --transformers-cache (where hub ids download).
     """
+    from merging.hub import hub_cache as hub_folder
     from merging.primitives import tie_break as tie_rule
 
-    with tie_rule(tie_break), compute_threads():
+    with tie_rule(tie_break), compute_threads(), hub_folder(hub_cache):
         return _run_merge(config, out_dir, seed=seed, device=device, shard_size=shard_size, dtype=dtype,
                           resume=resume, overwrite=overwrite, progress=progress, model_paths=model_paths,
                           allow_pickle=allow_pickle, extra_card=extra_card, kernels=kernels, nan_policy=nan_policy,
-                          lora_cache=lora_cache, lora_dtype=lora_dtype)
+                          lora_cache=lora_cache, lora_dtype=lora_dtype, allow_crimes=allow_crimes,
+                          copy_tokenizer=copy_tokenizer, model_card=model_card)
 
 
 def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, overwrite, progress, model_paths,
-               allow_pickle, extra_card, kernels, nan_policy, lora_cache, lora_dtype) -> MergeResult:
+               allow_pickle, extra_card, kernels, nan_policy, lora_cache, lora_dtype, allow_crimes, copy_tokenizer,
+               model_card) -> MergeResult:
     from merging.output import check_tokenizer_policy, finalize_output
 
     t0 = time.perf_counter()
@@ -412,7 +418,7 @@ def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, over
     if out_dir.exists() and not overwrite:
         raise OutputError(f"output folder {out_dir} already exists (use --overwrite to replace it)")
     plan = build_plan(config, search_paths=search, dtype=dtype, model_paths=model_paths, allow_pickle=allow_pickle,
-                      nan_policy=nan_policy, lora_cache=lora_cache, lora_dtype=lora_dtype)
+                      nan_policy=nan_policy, lora_cache=lora_cache, lora_dtype=lora_dtype, allow_crimes=allow_crimes)
     check_tokenizer_policy(plan)
     # --overwrite replaces out_dir whole: never when it is, holds or lies in a model, the config or a side file
     check_output_folder(out_dir, inputs + [ck.path for ck in plan.checkpoints] + [sf.path for sf in plan.side_files]
@@ -430,7 +436,8 @@ def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, over
     try:
         result = _merge_locked(plan, out_dir, seed=seed, device=device, shard_size=shard_size, resume=resume,
                                overwrite=overwrite, progress=progress, extra_card=extra_card, t0=t0,
-                               finalize=finalize_output, kernels=kernels)
+                               finalize=functools.partial(finalize_output, tokenizer=copy_tokenizer, card=model_card),
+                               kernels=kernels)
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()

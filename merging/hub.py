@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Iterator
 
 from merging.errors import InputError
+
+_CACHE: ContextVar[Path | None] = ContextVar("alloy_hub_cache", default=None)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "README.md"]
@@ -15,8 +20,21 @@ def looks_like_hub_id(text: str) -> bool:
     return bool(HUB_ID.match(text)) and not Path(text).exists()
 
 
+@contextmanager
+def hub_cache(folder: str | Path | None) -> Iterator[None]:
+    """Within it, hub ids are downloaded to (and looked up in) `folder` instead of huggingface_hub's cache (HF_HOME):
+    mergekit's --transformers-cache. None changes nothing."""
+    token = _CACHE.set(Path(folder) if folder is not None else _CACHE.get())
+    try:
+        yield
+    finally:
+        _CACHE.reset(token)
+
+
 def fetch(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> tuple[Path, str]:
-    """Local snapshot folder and the commit it resolved to; offline, only what the cache holds."""
+    """Local snapshot folder and the commit it resolved to; offline, only what the cache holds. cache_dir: default
+    the enclosing hub_cache's folder, else huggingface_hub's cache."""
+    cache_dir = cache_dir if cache_dir is not None else _CACHE.get()
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 

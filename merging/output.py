@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import shutil
 from collections import Counter
@@ -20,6 +21,8 @@ from merging.io import DTYPE_NAME, ShardLayout, model_file
 from merging.methods import REGISTRY
 from merging.plan import Plan
 from merging.tokenizer import CHAT_TEMPLATES, save_tokenizer
+
+log = logging.getLogger("alloy")
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
@@ -224,7 +227,11 @@ def model_card(plan: Plan, extra: dict | None, seed: int = 0) -> str:
 
 
 def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict[str, str], *, seed: int,
-                    extra_card: dict | None = None, run_info: dict | None = None) -> dict:
+                    extra_card: dict | None = None, run_info: dict | None = None, tokenizer: bool = True,
+                    card: bool = True) -> dict:
+    """Write everything but the shards: index, config, tokenizer (tokenizer=False: only one the config builds, as
+    mergekit's --no-copy-tokenizer), model card (card=False: none, as --no-write-model-card) and alloy_manifest.json;
+    returns the manifest."""
     if len(layout.file_names) > 1:
         index = {"metadata": {"total_size": layout.total_bytes()}, "weight_map": layout.weight_map()}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -232,8 +239,14 @@ def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict
     template = plan.checkpoints[plan.template_index].path
     if template.is_dir() and (gen := model_file(template, "generation_config.json")):
         shutil.copyfile(gen, out / "generation_config.json")
-    tokenizer_files = copy_tokenizer(plan, out)
-    (out / "README.md").write_text(model_card(plan, extra_card, seed))
+    if tokenizer or (plan.vocab is not None and plan.vocab.tokenizer is not None):
+        tokenizer_files = copy_tokenizer(plan, out)
+    else:
+        tokenizer_files = []
+        if plan.config.chat_template:
+            log.warning("alloy: chat_template is not written: no tokenizer is copied (--no-copy-tokenizer)")
+    if card:
+        (out / "README.md").write_text(model_card(plan, extra_card, seed))
     inputs = []
     for ref, ck in zip(plan.models, plan.checkpoints):
         entry = {"model": str(ref), "revision": ref.revision, "files": {f.name: file_sha256(f) for f in ck.files()}}

@@ -234,13 +234,15 @@ class _Params:
 def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, dtype: str | None = None,
                model_paths: dict[str, Path] | None = None, allow_pickle: bool = False,
                nan_policy: str | None = None, lora_cache: str | Path | None = None,
-               lora_dtype: str | None = None) -> Plan:
+               lora_dtype: str | None = None, allow_crimes: bool = False) -> Plan:
     """Resolve models, read their headers, and lay out every output tensor with its inputs and parameters.
 
     nan_policy: what reading a NaN/Inf input tensor does later, "refuse" or "warn" (default: the policy of the
     enclosing merging.checks.nan_policy context, itself "refuse").
     lora_cache: where `base+adapter` references are merged into full checkpoints (default: default_lora_cache()).
     lora_dtype: the dtype they are merged in (mergekit's --lora-merge-dtype; default: the base's).
+    allow_crimes: merge models whose config.json names different architectures (mergekit's --allow-crimes); their
+    tensors must still match by name and shape.
     """
     lora_torch_dtype = TORCH_DTYPES.get(lora_dtype.removeprefix("torch.")) if lora_dtype is not None else None
     if lora_dtype is not None and lora_torch_dtype is None:
@@ -285,7 +287,8 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     compute = TORCH_DTYPES[dtype or config.dtype] if (dtype or config.dtype) else None
     out_dtype_cfg = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
     template = index[str(base)] if base is not None else index[str(slices[0].sources[0].model)]
-    _check_architectures(models, checkpoints)
+    if not allow_crimes:
+        _check_architectures(models, checkpoints)
     vocab = build_vocab(config, models, checkpoints, _outside_tokenizer(config, index, search, model_paths))
 
     tasks: list[TensorTask] = []
@@ -539,4 +542,5 @@ def _check_architectures(models: list[ModelRef], ckpts: list[Checkpoint]) -> Non
         (m1, a1), (m2, a2) = [(k, v) for k, v in known.items()][:1] + [
             (k, v) for k, v in known.items() if v != next(iter(known.values()))][:1]
         raise InputError(f"architectures differ: {m1} is {a1} but {m2} is {a2}; alloy merges models of one "
-                         "architecture (fine-tunes of one base model): pick models of the same family")
+                         "architecture (fine-tunes of one base model): pick models of the same family, or pass "
+                         "--allow-crimes to merge them anyway")
