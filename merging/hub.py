@@ -20,6 +20,13 @@ def looks_like_hub_id(text: str) -> bool:
     return bool(HUB_ID.match(text)) and not Path(text).exists()
 
 
+def snapshot_repo_id(folder: Path) -> str | None:
+    """The hub id whose snapshot `folder` is, in huggingface_hub's cache layout (.../models--ORG--NAME/snapshots/
+    COMMIT; hub ids cannot contain '--'); None for any other folder."""
+    repo = folder.parent.parent.name if folder.parent.name == "snapshots" else ""
+    return repo.removeprefix("models--").replace("--", "/", 1) if repo.startswith("models--") else None
+
+
 @contextmanager
 def hub_cache(folder: str | Path | None) -> Iterator[None]:
     """Within it, hub ids are downloaded to (and looked up in) `folder` instead of huggingface_hub's cache (HF_HOME):

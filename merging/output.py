@@ -15,6 +15,7 @@ import yaml
 
 from merging.config import ModelRef
 from merging.errors import ConfigError, InputError
+from merging.hub import snapshot_repo_id
 from merging.hashing import file_sha256
 from merging.lora import MANIFEST as LORA_MANIFEST
 from merging.io import DTYPE_NAME, ShardLayout, model_file
@@ -197,6 +198,15 @@ def _input_card_facts(plan: Plan) -> tuple[set[str], list[str]]:
     return licences, list(dict.fromkeys(bases))
 
 
+def _hub_ids(plan: Plan) -> list[str]:
+    """The hub ids of the merged models (and of their LoRA adapters), from the snapshot folders they were read from:
+    the only names the Hub accepts in a card's base_model (it refuses a commit whose card lists a local path)."""
+    folders = []
+    for ref, ck in zip(plan.models, plan.checkpoints):
+        folders += list(plan.adapters[str(ref)]) if str(ref) in plan.adapters else [ck.path]
+    return [i for i in (snapshot_repo_id(f) for f in folders) if i]
+
+
 def model_card(plan: Plan, extra: dict | None, seed: int = 0) -> str:
     licences, upstream = _input_card_facts(plan)
     front: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "alloy", plan.config.merge_method]}
@@ -204,7 +214,8 @@ def model_card(plan: Plan, extra: dict | None, seed: int = 0) -> str:
         front["license"] = next(iter(licences))
     elif licences:
         front["license"] = "other"
-    front["base_model"] = upstream + [str(m) for m in plan.models if str(m) not in upstream]
+    if bases := list(dict.fromkeys(upstream + _hub_ids(plan))):
+        front["base_model"] = bases
     method = plan.config.merge_method
     spec = REGISTRY.get(method)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", "# Merged model", "",
@@ -230,8 +241,8 @@ def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict
                     extra_card: dict | None = None, run_info: dict | None = None, tokenizer: bool = True,
                     card: bool = True) -> dict:
     """Write everything but the shards: index, config, tokenizer (tokenizer=False: only one the config builds, as
-    mergekit's --no-copy-tokenizer), model card (card=False: none, as --no-write-model-card) and alloy_manifest.json;
-    returns the manifest."""
+    mergekit's --no-copy-tokenizer), model card and mergekit_config.yml (card=False: neither, as
+    --no-write-model-card) and alloy_manifest.json; returns the manifest."""
     if len(layout.file_names) > 1:
         index = {"metadata": {"total_size": layout.total_bytes()}, "weight_map": layout.weight_map()}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -247,6 +258,8 @@ def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict
             log.warning("alloy: chat_template is not written: no tokenizer is copied (--no-copy-tokenizer)")
     if card:
         (out / "README.md").write_text(model_card(plan, extra_card, seed))
+        # as mergekit writes beside its card: the config to merge again from (its sha256 is the manifest's config_sha256)
+        (out / "mergekit_config.yml").write_text(plan.config.to_yaml())
     inputs = []
     for ref, ck in zip(plan.models, plan.checkpoints):
         entry = {"model": str(ref), "revision": ref.revision, "files": {f.name: file_sha256(f) for f in ck.files()}}

@@ -74,7 +74,7 @@ def test_a_mergekit_yaml_command_line_runs_unchanged(tmp_path, capsys):
                  "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]) == 0
     mk = tmp_path / "mk"
     assert capsys.readouterr().out == ""  # --quiet: no summary line
-    assert not (mk / "README.md").exists() and not (mk / "tokenizer_config.json").exists()
+    assert not any((mk / f).exists() for f in ("README.md", "mergekit_config.yml", "tokenizer_config.json"))
     manifest = json.loads((mk / "alloy_manifest.json").read_text())
     assert manifest["tokenizer_files"] == [] and manifest["device"] == "cpu"
     assert manifest["tensors"] == json.loads((plain / "alloy_manifest.json").read_text())["tensors"]

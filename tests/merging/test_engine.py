@@ -486,6 +486,27 @@ def test_model_card_cites_the_method_and_its_seed(family_fp32, tmp_path):
     assert "Random seed" not in (tmp_path / "out2" / "README.md").read_text()
 
 
+def test_card_base_model_lists_hub_ids_only_and_the_config_is_written_beside_it(family_fp32, tmp_path):
+    """The Hub refuses a commit whose card lists a local path under base_model; a snapshot of its cache is a hub id."""
+    import hashlib
+    import shutil
+
+    snap = tmp_path / "hf" / "models--org--tiny-ft" / "snapshots" / ("0123456789abcdef" * 3)[:40]
+    shutil.copytree(family_fp32["ft0"], snap)
+    cfg = {"merge_method": "linear", "models": [{"model": str(snap), "parameters": {"weight": 0.5}},
+                                                  {"model": str(family_fp32["ft1"]), "parameters": {"weight": 0.5}}]}
+    run_merge(write_cfg(tmp_path, cfg), tmp_path / "out", progress=False)
+    front = yaml.safe_load((tmp_path / "out" / "README.md").read_text().split("---")[1])
+    assert front["base_model"] == ["org/tiny-ft"] and "merge" in front["tags"]
+    cfg["models"][0]["model"] = str(family_fp32["ft0"])  # local folders only: no base_model key at all
+    run_merge(write_cfg(tmp_path, cfg, "d.yml"), tmp_path / "out2", progress=False)
+    assert "base_model" not in yaml.safe_load((tmp_path / "out2" / "README.md").read_text().split("---")[1])
+    written = (tmp_path / "out2" / "mergekit_config.yml").read_bytes()
+    manifest = json.loads((tmp_path / "out2" / "alloy_manifest.json").read_text())
+    assert hashlib.sha256(written).hexdigest() == manifest["config_sha256"]
+    assert yaml.safe_load(written)["models"][0]["model"] == str(family_fp32["ft0"])
+
+
 _HEAP_REUSE = """
 import resource
 import torch
