@@ -13,6 +13,7 @@ from alloy.cmd_merge import main, parse_size, parser
 from merging.errors import ConfigError, InputError
 
 sys.path.insert(0, str(Path(__file__).parent / "merging"))
+from family import linear_of, write_cfg  # noqa: E402
 
 
 @pytest.mark.parametrize("text, size", [("5B", 5 * 10**9), ("1b", 10**9), ("2GB", 2 * 10**9), ("500MB", 5 * 10**8),
@@ -49,20 +50,13 @@ def test_merge_with_mergekit_names_end_to_end(tmp_path):
     assert manifest["tensors"] == json.loads((tmp_path / "b" / "alloy_manifest.json").read_text())["tensors"]
 
 
-def _linear(tmp_path, *models, name="c.yml"):
-    cfg = tmp_path / name
-    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "parameters": {"weight": 0.5},
-                                   "models": [{"model": str(m)} for m in models]}))
-    return cfg
-
-
 def test_a_mergekit_yaml_command_line_runs_unchanged(tmp_path, capsys):
     from family import make_family
 
     fam = make_family(tmp_path / "fam", n_finetunes=2)
     for m in ("ft0", "ft1"):
         (fam[m] / "tokenizer_config.json").write_text('{"model_max_length": 64}')
-    cfg = _linear(tmp_path, fam["ft0"], fam["ft1"])
+    cfg = write_cfg(tmp_path, linear_of(fam["ft0"], fam["ft1"]))
     assert main([str(cfg), str(tmp_path / "plain"), "--no-progress"]) == 0
     plain = tmp_path / "plain"
     assert (plain / "README.md").is_file() and (plain / "tokenizer_config.json").is_file()
@@ -86,7 +80,7 @@ def test_allow_crimes_merges_models_whose_configs_name_different_architectures(t
     fam = make_family(tmp_path / "fam", n_finetunes=2)
     cfg_file = fam["ft1"] / "config.json"
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "architectures": ["MistralForCausalLM"]}))
-    cfg = _linear(tmp_path, fam["ft0"], fam["ft1"])
+    cfg = write_cfg(tmp_path, linear_of(fam["ft0"], fam["ft1"]))
     with pytest.raises(InputError, match="architectures differ: .*--allow-crimes"):
         main([str(cfg), str(tmp_path / "no"), "--no-progress"])
     assert not (tmp_path / "no").exists()
@@ -118,7 +112,7 @@ def test_transformers_cache_is_where_hub_ids_are_found(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(fam["ft0"], repo / "snapshots" / commit)
     monkeypatch.chdir(tmp_path)
-    cfg = _linear(tmp_path, "org/tiny", fam["ft1"])
+    cfg = write_cfg(tmp_path, linear_of("org/tiny", fam["ft1"]))
     with pytest.raises(InputError, match="org/tiny.*not in the local Hugging Face cache"):
         main([str(cfg), str(tmp_path / "a"), "--no-progress"])
     assert main([str(cfg), str(tmp_path / "a"), "--no-progress", "--transformers-cache", str(cache)]) == 0

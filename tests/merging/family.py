@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 
@@ -76,3 +77,13 @@ def make_family(root: Path, *, n_finetunes: int = 3, dtype: torch.dtype = torch.
             ft[n] = (t + delta).to(dtype)
         out[f"ft{k}"] = write_model(root / f"ft{k}", ft, cfg, shards)
     return out
+
+
+def write_cfg(tmp: Path, cfg: dict, name: str = "c.yml") -> Path:
+    p = tmp / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def linear_of(*models) -> dict:
+    return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]}

@@ -17,15 +17,10 @@ from safetensors.torch import load_file
 
 from merging.engine import run_merge
 from merging.errors import AlloyError, ConfigError, InputError, OutputError
+from family import write_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLOY = [sys.executable, "-m", "alloy"]
-
-
-def write_cfg(tmp: Path, cfg: dict, name: str = "c.yml") -> Path:
-    p = tmp / name
-    p.write_text(yaml.safe_dump(cfg))
-    return p
 
 
 def passthrough(fam) -> dict:

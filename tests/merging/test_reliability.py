@@ -22,16 +22,11 @@ from merging.checks import all_finite, check_finite, nan_policy
 from merging.engine import merge_to_state_dict, run_merge
 from merging.errors import AlloyError, ConfigError, InputError
 from merging.io import Checkpoint
+from family import linear_of, write_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLOY = [sys.executable, "-m", "alloy"]
 EMBED = "model.embed_tokens.weight"
-
-
-def write_cfg(tmp: Path, cfg: dict, name: str = "c.yml") -> Path:
-    p = tmp / name
-    p.write_text(yaml.safe_dump(cfg))
-    return p
 
 
 def listing(path: Path) -> list[str]:
@@ -186,10 +181,6 @@ def gpt2_like(path: Path, layers: int = 3) -> Path:
         sd[f"transformer.h.{i}.attn.c_attn.weight"] = torch.zeros(64, 192)
     save_file(sd, str(path / "model.safetensors"))
     return path
-
-
-def linear_of(*models) -> dict:
-    return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]}
 
 
 def test_mismatched_architectures_name_both_models(family_fp32, tmp_path, no_tensor_reads):

@@ -17,21 +17,12 @@ import yaml
 from safetensors.torch import load_file
 
 from merging.engine import run_merge
+from family import linear_of, write_cfg
 from merging.errors import ConfigError, InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLOY = [sys.executable, "-m", "alloy"]
 CODE_DIRS = ("alloy", "merging", "eval", "tasks", "flows")
-
-
-def write_cfg(tmp: Path, cfg: dict, name: str = "c.yml") -> Path:
-    p = tmp / name
-    p.write_text(yaml.safe_dump(cfg))
-    return p
-
-
-def linear_of(*models) -> dict:
-    return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]}
 
 
 def source_files(suffixes=(".py", ".yaml", ".yml", ".toml", ".cfg", ".json")) -> list[Path]:
