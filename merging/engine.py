@@ -480,6 +480,9 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
     todo = [by_name[n] for i in todo_shards for n, _, _ in layout.shards[i]]
     tensor_sha: dict[str, str] = {n: s for shas in journal["shards"].values() for n, s in shas.items()}
     bytes_out = layout.total_bytes()
+    log.info(f"alloy: {plan.config.merge_method}: {len(todo)} of {len(plan.tasks)} tensors to merge from "
+             f"{len(plan.checkpoints)} models into {len(todo_shards)} of {len(layout.file_names)} shards "
+             f"({bytes_out / 1e9:.2f} GB) in {tmp}")
     try:
         writer = _Writer()
         shard_of = {n: i for i, s in enumerate(layout.shards) for n, _, _ in s}
@@ -498,8 +501,10 @@ def _merge_locked(plan: Plan, out_dir: Path, *, seed: int, device: str, shard_si
                 files[i] = ShardFile(tmp / layout.file_names[i], layout.shards[i], {"format": "pt"})
             sf = files[i]
             sf.write(task_name, tensor)
+            log.debug("alloy: %s %s %s", task_name, tuple(tensor.shape), tensor.dtype)
             if sf.complete:
                 sf.close()
+                log.info(f"alloy: wrote {layout.file_names[i]}")
                 tensor_sha.update(sf.tensor_sha)
                 journal["shards"][layout.file_names[i]] = sf.tensor_sha
                 _write_journal(tmp, journal)

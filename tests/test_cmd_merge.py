@@ -118,3 +118,29 @@ def test_transformers_cache_is_where_hub_ids_are_found(tmp_path, monkeypatch):
     assert main([str(cfg), str(tmp_path / "a"), "--no-progress", "--transformers-cache", str(cache)]) == 0
     inputs = json.loads((tmp_path / "a" / "alloy_manifest.json").read_text())["inputs"]
     assert inputs[0]["model"] == "org/tiny" and set(inputs[0]["files"]) == {p.name for p in fam["ft0"].glob("*.safetensors")}
+
+
+@pytest.fixture
+def alloy_log_level():
+    import logging
+
+    logger = logging.getLogger("alloy")
+    before = logger.level
+    yield
+    logger.setLevel(before)  # main() sets it for -v; later tests must not see alloy's debug records
+
+
+def test_verbose_logs_the_plan_and_each_shard_and_more_with_vv(tmp_path, caplog, alloy_log_level):
+    from family import make_family
+
+    fam = make_family(tmp_path / "fam", n_finetunes=2)
+    cfg = write_cfg(tmp_path, linear_of(fam["ft0"], fam["ft1"]))
+    assert main([str(cfg), str(tmp_path / "a"), "--no-progress", "--out-shard-size", "40KB", "-v"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "alloy"]
+    shards = json.loads((tmp_path / "a" / "alloy_manifest.json").read_text())["outputs"]
+    assert any(m.startswith("alloy: linear: ") and f"into {len(shards)} of {len(shards)} shards" in m for m in lines)
+    assert sorted(m.removeprefix("alloy: wrote ") for m in lines if m.startswith("alloy: wrote ")) == sorted(shards)
+    assert not any("model.layers.0.mlp.up_proj.weight" in m for m in lines)  # per tensor: -vv only
+    caplog.clear()
+    assert main([str(cfg), str(tmp_path / "b"), "--no-progress", "-vv"]) == 0
+    assert any(m.startswith("alloy: model.layers.0.mlp.up_proj.weight (") for m in (r.getMessage() for r in caplog.records))
