@@ -143,11 +143,17 @@ def _read_json(f: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def copy_tokenizer(plan: Plan, out: Path) -> list[str]:
+def copy_tokenizer(plan: Plan, out: Path, *, copy_files: bool = True) -> list[str]:
+    """Write the output's tokenizer: the one the config builds, else (copy_files) the donor's files; the names written.
+    copy_files=False is mergekit's --no-copy-tokenizer: a built tokenizer is still written, nothing is copied."""
     donor = _tokenizer_donor(plan)
     copied = []
     if plan.vocab is not None and plan.vocab.tokenizer is not None:  # a new vocabulary (union, added tokens)
         copied = save_tokenizer(plan.vocab, out)
+    elif not copy_files:
+        if plan.config.chat_template:
+            log.warning("alloy: chat_template is not written: no tokenizer is copied (--no-copy-tokenizer)")
+        return []
     else:
         for name in TOKENIZER_FILES:
             # model_file refuses a link out of the donor's folder: its target would be copied into the output
@@ -250,12 +256,7 @@ def finalize_output(plan: Plan, out: Path, layout: ShardLayout, tensor_sha: dict
     template = plan.checkpoints[plan.template_index].path
     if template.is_dir() and (gen := model_file(template, "generation_config.json")):
         shutil.copyfile(gen, out / "generation_config.json")
-    if tokenizer or (plan.vocab is not None and plan.vocab.tokenizer is not None):
-        tokenizer_files = copy_tokenizer(plan, out)
-    else:
-        tokenizer_files = []
-        if plan.config.chat_template:
-            log.warning("alloy: chat_template is not written: no tokenizer is copied (--no-copy-tokenizer)")
+    tokenizer_files = copy_tokenizer(plan, out, copy_files=tokenizer)
     if card:
         (out / "README.md").write_text(model_card(plan, extra_card, seed))
         # as mergekit writes beside its card: the config to merge again from (its sha256 is the manifest's config_sha256)
