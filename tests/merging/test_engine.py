@@ -509,10 +509,13 @@ from merging import engine
 engine.one_heap_arena()
 for _ in range(3):
     torch.ones(1 << 20)
-before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-for _ in range(50):  # a method's slice temporaries: 4 MB allocated and freed, slice after slice
-    torch.ones(1 << 20)
-print(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+counts = []
+for _ in range(3):  # the least of three: the kernel's own reclaim or migration under load can fault a few pages in
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for _ in range(50):  # a method's slice temporaries: 4 MB allocated and freed, slice after slice
+        torch.ones(1 << 20)
+    counts.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+print(min(counts))
 """
 
 
