@@ -165,12 +165,15 @@ def _check_value(method: str, name: str, where: str, value: Any) -> None:
 def parameter_scopes(config: MergeConfig) -> list[tuple[str, dict | None, bool]]:
     """(key path, parameters, whether the scope belongs to one model) for every parameters block of a config."""
     scopes: list[tuple[str, dict | None, bool]] = [("parameters", config.parameters, False)]
-    for i, m in enumerate(config.models or []):
-        scopes.append((f"models[{i}].parameters", m.parameters, True))
-    for i, s in enumerate(config.slices or []):
-        scopes.append((f"slices[{i}].parameters", s.parameters, False))
-        for j, src in enumerate(s.sources):
-            scopes.append((f"slices[{i}].sources[{j}].parameters", src.parameters, True))
+    for at, mod in [("", config), *((f"modules.{k}.", m) for k, m in (config.modules or {}).items())]:
+        if at:
+            scopes.append((f"{at}parameters", mod.parameters, False))
+        for i, m in enumerate(mod.models or []):
+            scopes.append((f"{at}models[{i}].parameters", m.parameters, True))
+        for i, s in enumerate(mod.slices or []):
+            scopes.append((f"{at}slices[{i}].parameters", s.parameters, False))
+            for j, src in enumerate(s.sources):
+                scopes.append((f"{at}slices[{i}].sources[{j}].parameters", src.parameters, True))
     return scopes
 
 

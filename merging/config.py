@@ -199,13 +199,29 @@ class TokenizerSection(BaseModel):
         return v
 
 
+class OutputModule(BaseModel):
+    """One module of a multi-module model (a VLM's text decoder, vision tower, projector), merged by its own
+    models or slices; its parameters sit between the slices' and the top level's (mergekit's precedence)."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    parameters: Optional[Parameters] = None
+
+    @model_validator(mode="after")
+    def _inputs(self) -> "OutputModule":
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("a module takes exactly one of 'models' or 'slices'")
+        return self
+
+
 DTYPES = ("float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16", "fp64", "float", "half", "double")
 class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     models: Optional[list[InputModel]] = None
     slices: Optional[list[OutputSlice]] = None
-    modules: Optional[dict[str, Any]] = None
+    modules: Optional[dict[str, OutputModule]] = None
     base_model: Optional[ModelRef] = None
     parameters: Optional[Parameters] = None
     dtype: Optional[str] = None
@@ -224,10 +240,8 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _inputs(self) -> "MergeConfig":
-        if self.modules:
-            raise ValueError("'modules' (multi-module merges) are not supported yet; use 'models' or 'slices'")
-        if bool(self.models) == bool(self.slices):
-            raise ValueError("exactly one of 'models' or 'slices' must be given")
+        if sum(bool(x) for x in (self.models, self.slices, self.modules)) != 1:
+            raise ValueError("exactly one of 'models', 'slices' or 'modules' must be given")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give either 'tokenizer_source' or a 'tokenizer' section, not both")
         return self
@@ -236,11 +250,12 @@ class MergeConfig(BaseModel):
         seen: dict[str, ModelRef] = {}
         if self.base_model:
             seen[str(self.base_model)] = self.base_model
-        for m in self.models or []:
-            seen.setdefault(str(m.model), m.model)
-        for s in self.slices or []:
-            for src in s.sources:
-                seen.setdefault(str(src.model), src.model)
+        for mod in [self, *(self.modules or {}).values()]:
+            for m in mod.models or []:
+                seen.setdefault(str(m.model), m.model)
+            for s in mod.slices or []:
+                for src in s.sources:
+                    seen.setdefault(str(src.model), src.model)
         return list(seen.values())
 
     def to_yaml(self) -> str:

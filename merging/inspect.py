@@ -12,6 +12,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,6 +89,15 @@ class _Acc:
         return {"params": self.params, "pairs": pairs, "models": models}
 
 
+def _without_parameters(data: Any) -> Any:
+    """A config's data with every parameters block dropped (a method's parameters mean nothing to the probe)."""
+    if isinstance(data, dict):
+        return {k: _without_parameters(v) for k, v in data.items() if k != "parameters"}
+    if isinstance(data, list):
+        return [_without_parameters(v) for v in data]
+    return data
+
+
 def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "float32",
                   model_paths: dict[str, Path] | None = None, nan_policy: str | None = None,
                   lora_cache: str | Path | None = None, lora_dtype: str | None = None) -> dict:
@@ -106,8 +116,8 @@ def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "floa
         raise ConfigError("base_model: inspect needs a base_model to form task vectors")
     policy = check_nan_policy(nan_policy) if nan_policy is not None else current_nan_policy()
     # plan as a task-arithmetic merge so every model appears as a task vector against the base, whatever the method
-    probe = config.model_copy(update={"merge_method": "task_arithmetic", "parameters": {"weight": 1.0},
-                                      "models": [m.model_copy(update={"parameters": None}) for m in config.models or []] or None})
+    probe = MergeConfig.model_validate({**_without_parameters(config.model_dump(exclude_none=True)),
+                                        "merge_method": "task_arithmetic", "parameters": {"weight": 1.0}})
     plan = build_plan(probe, search_paths=search, dtype=dtype, model_paths=model_paths, nan_policy=policy,
                       lora_cache=lora_cache, lora_dtype=lora_dtype)
     if policy == "warn":  # read as they are; non-finite tensors are found and left out below

@@ -47,6 +47,15 @@ def _path_of(plan: Plan, ref: ModelRef) -> Path:
     return plan.checkpoints[[str(m) for m in plan.models].index(str(ref))].path
 
 
+def _copy_path(cfg: dict, parents: list[str]) -> dict:
+    """The dict at cfg[p0][p1]..., copied on the way down so the template's own config is left as it was."""
+    node = cfg
+    for p in parents:
+        node[p] = dict(node[p])
+        node = node[p]
+    return node
+
+
 def output_config(plan: Plan) -> dict:
     cfg = dict(plan.checkpoints[plan.template_index].config)
     if plan.num_layers is not None:
@@ -57,6 +66,18 @@ def output_config(plan: Plan) -> dict:
         if isinstance(cfg.get("layer_types"), list):  # newer transformers configs list one type per layer
             types = cfg["layer_types"]
             cfg["layer_types"] = [types[min(i, len(types) - 1)] for i in range(plan.num_layers)]
+    for path, n in plan.depths.items():  # a modular model's module depths (text_config.num_hidden_layers, ...)
+        *parents, key = path.split(".")
+        parent = cfg
+        for p in parents:
+            parent = parent.get(p) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or key not in parent:
+            continue
+        parent = _copy_path(cfg, parents)
+        parent[key] = n
+        if key == "num_hidden_layers" and isinstance(parent.get("layer_types"), list):
+            types = parent["layer_types"]
+            parent["layer_types"] = [types[min(i, len(types) - 1)] for i in range(n)]
     if plan.untied:  # the output has its own lm_head: say so (transformers warns on a tied config with both)
         if isinstance(cfg.get("text_config"), dict) and "tie_word_embeddings" in cfg["text_config"]:
             cfg["text_config"] = {**cfg["text_config"], "tie_word_embeddings": False}

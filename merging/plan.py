@@ -17,17 +17,21 @@ from typing import Any, Optional
 import torch
 
 from merging.checks import (check_nan_policy, check_parameter_values, check_task_parameters, current_nan_policy,
-                            parameter_kind, typed_value)
+                            parameter_kind, parameter_scopes, typed_value)
 from merging.config import InputSlice, MergeConfig, ModelRef, OutputSlice, evaluate
 from merging.errors import ConfigError, InputError
 from merging.hub import looks_like_hub_id
 from merging.io import Checkpoint
+from merging.modules import DEFAULT, DEPTH_KEYS, MODULES, architecture, module_names, module_of
 from merging.tokenizer import Alignment, OutputVocab, build_vocab
 import merging.methods  # noqa: F401  (importing the package registers every method)
 from merging.methods.registry import REGISTRY, MethodSpec
 
-LAYER_RE = re.compile(r"^(.*?\.(?:layers|h|blocks|layer))\.(\d+)\.(.+)$")
+# a layer's tensors: `<stack>.<index>.<rest>`; the stack may be the whole prefix (GPT-2's own files name `h.0.attn`)
+LAYER_RE = re.compile(r"^((?:.*?\.)?(?:layers|h|blocks|block|layer))\.(\d+)\.(.+)$")
 PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings")
+# vision towers' input side (patch convolution, pre-norm), laid out before their layers as mergekit's pre_weights
+PRE_VISION = ("ln_pre", "patch_conv", "layernorm_pre", ".conv1.", ".conv2.")
 OUTPUT_HEADS = ("lm_head", "embed_out")  # output projections (GPT-NeoX's `embed_out` matches "embed" but is one)
 TORCH_DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -94,6 +98,7 @@ class Plan:
     side_files: list["SideFile"] = field(default_factory=list)  # statistics files a method reads beside the models
     adapters: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # `base+adapter` key -> (base, adapter folders)
     untied: bool = False  # the template is tied, but the output has an lm_head (another model had one)
+    depths: dict[str, int] = field(default_factory=dict)  # a modular model's config.json depth keys, as merged
 
     @property
     def bytes_in(self) -> int:
@@ -171,15 +176,8 @@ def _method(config: MergeConfig) -> MethodSpec | None:
 
 def _check_parameter_names(config: MergeConfig, spec: MethodSpec | None) -> None:
     allowed = {"scale"} if spec is None else spec.parameters
-    scopes: list[tuple[str, dict | None]] = [("parameters", config.parameters)]
-    for i, m in enumerate(config.models or []):
-        scopes.append((f"models[{i}].parameters", m.parameters))
-    for i, s in enumerate(config.slices or []):
-        scopes.append((f"slices[{i}].parameters", s.parameters))
-        for j, src in enumerate(s.sources):
-            scopes.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
     name = config.merge_method
-    for where, params in scopes:
+    for where, params, _ in parameter_scopes(config):
         for key in params or {}:
             if key not in allowed:
                 near = difflib.get_close_matches(key, sorted(allowed), n=1)
@@ -187,19 +185,18 @@ def _check_parameter_names(config: MergeConfig, spec: MethodSpec | None) -> None
                 raise ConfigError(f"{where}.{key}: method {name!r} has no parameter {key!r}{hint}")
 
 
-def _normalised_slices(config: MergeConfig, base: Optional[ModelRef], layers: dict[str, int]) -> list[OutputSlice]:
-    if config.slices:
-        return config.slices
-    sources = [InputSlice(model=m.model, layer_range=(0, max(layers[str(m.model)], 1)), parameters=m.parameters)
-               for m in config.models or []]
+def _normalised_slices(models: list, base: Optional[ModelRef], depth) -> list[OutputSlice]:
+    """`models:` as one slice of each model's whole depth (depth: ModelRef -> layers)."""
+    sources = [InputSlice(model=m.model, layer_range=(0, max(depth(m.model), 1)), parameters=m.parameters)
+               for m in models]
     if base is not None and all(str(s.model) != str(base) for s in sources):
         # as mergekit does, for every method: a base_model not listed under models is one more input, which methods
         # without a base (linear, karcher) then merge like the others
-        sources.append(InputSlice(model=base, layer_range=(0, max(layers[str(base)], 1))))
+        sources.append(InputSlice(model=base, layer_range=(0, max(depth(base), 1))))
     return [OutputSlice(sources=sources)]
 
 
-def _check_no_duplicate_inputs(config: MergeConfig, slices: list[OutputSlice]) -> None:
+def _check_no_duplicate_inputs(slices: list[OutputSlice], at: str, from_slices: bool) -> None:
     """One entry per model in a merge (as mergekit: 'Duplicate merge inputs'): a second entry would take the first
     one's parameters, so its weight would silently count double."""
     for i, sl in enumerate(slices):
@@ -207,23 +204,23 @@ def _check_no_duplicate_inputs(config: MergeConfig, slices: list[OutputSlice]) -
         for j, src in enumerate(sl.sources):
             key = str(src.model)
             if key in first:
-                where, was = ((f"slices[{i}].sources[{j}]", f"slices[{i}].sources[{first[key]}]") if config.slices
-                              else (f"models[{j}]", f"models[{first[key]}]"))
+                where, was = ((f"{at}slices[{i}].sources[{j}]", f"{at}slices[{i}].sources[{first[key]}]")
+                              if from_slices else (f"{at}models[{j}]", f"{at}models[{first[key]}]"))
                 raise ConfigError(f"{where}.model: {key} is already {was}; list each model once per merge")
             first[key] = j
 
 
 class _Params:
-    """Parameter lookup with mergekit's precedence: model-in-slice, slice, top level; first non-None wins."""
+    """Parameter lookup with mergekit's precedence: model-in-slice, slice, module, top level; first non-None wins."""
 
-    def __init__(self, config: MergeConfig, out_slice: OutputSlice):
-        self.config, self.slice = config, out_slice
+    def __init__(self, config: MergeConfig, out_slice: OutputSlice, module_params: Optional[dict] = None):
+        self.config, self.slice, self.module_params = config, out_slice, module_params
 
     def get(self, name: str, tensor_name: str, t: float, model: Optional[ModelRef] = None) -> Any:
         method = self.config.merge_method
         interpolate = parameter_kind(method, name) in ("int", "number")
         scopes = [src.parameters for src in self.slice.sources if model is not None and str(src.model) == str(model)]
-        for params in (*scopes, self.slice.parameters, self.config.parameters):
+        for params in (*scopes, self.slice.parameters, self.module_params, self.config.parameters):
             if params and name in params:
                 v = evaluate(params[name], tensor_name, t, interpolate=interpolate)
                 if v is not None:
@@ -276,17 +273,47 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
 
     base = config.base_model
     uses_base = bool(spec and spec.base)
-    slices = _normalised_slices(config, base, layers)
-    if spec and spec.base is True:
-        # as in mergekit, a slice may name its own base_model in place of the top-level one
-        missing = [i for i, sl in enumerate(slices) if (sl.base_model or base) is None]
-        if missing:
-            where = "base_model" if len(missing) == len(slices) else f"slices[{missing[0]}].base_model"
-            raise ConfigError(f"{where}: method {config.merge_method!r} needs a base_model")
-    _check_no_duplicate_inputs(config, slices)
+    first_group = config.modules[next(iter(config.modules))] if config.modules else config
+    first_ref = first_group.models[0].model if first_group.models else first_group.slices[0].sources[0].model
+    template = index[str(base)] if base is not None else index[str(first_ref)]
+    arch = architecture(checkpoints[template].config)
+    groups = _groups(config, arch)
+    names = _Names(models, checkpoints, _module_membership(arch, groups, models, checkpoints))
+    one_stack = {str(r): len(stacks_of(list(ck.tensors))) <= 1 for r, ck in zip(models, checkpoints)}
+
+    def depth(ref: ModelRef, module: Optional[str], stack: Optional[str]) -> int:
+        """A model's layers in one stack: its config's count for a one-stack model, else counted from names."""
+        if stack is None:
+            return 0
+        if one_stack[str(ref)]:
+            return layers[str(ref)]
+        idx = [i for st, i in (_stack_index(n) for n in names(ref, module)) if st == stack]
+        return max(idx) + 1 if idx else 0
+
+    group_layouts = []  # per group: (group, [(stack, slices)])
+    for g in groups:
+        stacks = stacks_of(names(models[template], g.module))
+        if g.slices and len(stacks) > 1:
+            spans = ", ".join(f"{st}: {depth(models[template], g.module, st)} layers" for st in stacks)
+            raise ConfigError(f"{g.at}slices: model {models[template]} has several layer stacks ({spans}), and a "
+                              "layer_range cannot say which it counts; merge it with models:, or, for an "
+                              f"architecture alloy knows the modules of ({', '.join(sorted(MODULES))}), with modules:")
+        if g.models:
+            runs = [(st, _normalised_slices(g.models, base, lambda r, st=st: depth(r, g.module, st)))
+                    for st in (stacks or [None])]
+        else:
+            runs = [(stacks[0] if stacks else None, g.slices)]
+        slices = runs[0][1]
+        if spec and spec.base is True:
+            # as in mergekit, a slice may name its own base_model in place of the top-level one
+            missing = [i for i, sl in enumerate(slices) if (sl.base_model or base) is None]
+            if missing:
+                where = "base_model" if len(missing) == len(slices) else f"{g.at}slices[{missing[0]}].base_model"
+                raise ConfigError(f"{where}: method {config.merge_method!r} needs a base_model")
+        _check_no_duplicate_inputs(slices, g.at, from_slices=bool(g.slices))
+        group_layouts.append((g, runs))
     compute = TORCH_DTYPES[dtype or config.dtype] if (dtype or config.dtype) else None
     out_dtype_cfg = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
-    template = index[str(base)] if base is not None else index[str(slices[0].sources[0].model)]
     if not allow_crimes:
         _check_architectures(models, checkpoints)
     vocab = build_vocab(config, models, checkpoints, _outside_tokenizer(config, index, search, model_paths))
@@ -402,11 +429,119 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
         tasks.append(TensorTask(out_name, config.merge_method, [e for _, e in entries], base_entry, per_model,
                                 glob, out_dtype, tuple(shape0), compute, align, side))
 
-    # non-layer tensors of the template model, split into those before and after the layers
-    first, last = slices[0], slices[-1]
-    template_ck = checkpoints[template]
-    non_layer = [n for n in template_ck.tensors if _split(n) is None]
-    pre = [n for n in non_layer if any(h in n for h in PRE_HINTS) and not any(h in n for h in OUTPUT_HEADS)]
+    out_depths: dict[str, int] = {}  # config.json key -> the output's layers in that module
+    total_layers: Optional[int] = None
+    untied = False
+    for g, runs in group_layouts:
+        n_out, head_out = _lay_out_group(config, g, runs, models[template], names, depth, add, base)
+        if g.module is None:
+            total_layers = next(iter(n_out.values())) if len(n_out) == 1 else None
+        elif len(n_out) == 1:
+            out_depths.update({key: n_out[next(iter(n_out))] for key in DEPTH_KEYS.get(g.module, ())})
+        # the template is tied, but the output has an lm_head (another model had one)
+        untied |= head_out and not any(any(h in n for h in OUTPUT_HEADS) for n in names(models[template], g.module))
+    return Plan(config, models, checkpoints, tasks, index[str(base)] if base is not None else None,
+                total_layers, template, untied=untied, notes=list(vocab.notes) if vocab else [], vocab=vocab, side_files=side_files,
+                adapters=adapters, depths=out_depths)
+
+
+@dataclass
+class _Group:
+    """What one module merges (module None: the whole model), from `models:` or `slices:`, with its parameters."""
+    module: Optional[str]
+    models: Optional[list] = None
+    slices: Optional[list[OutputSlice]] = None
+    parameters: Optional[dict] = None
+    at: str = ""  # the key path of its entries in error messages
+
+
+def _groups(config: MergeConfig, arch: Optional[str]) -> list[_Group]:
+    """The config as merges of modules: `models:` merges every module of a modular model (as mergekit does)."""
+    modular = arch in MODULES
+    if config.modules:
+        allowed = module_names(arch)
+        for key in config.modules:
+            if key not in allowed:
+                near = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise ConfigError(f"modules.{key}: {hint}{arch or 'the model'} has the module(s) {', '.join(allowed)}")
+        if not modular:  # `default`: the whole model, with the module's parameters between slice and top level
+            mod = config.modules[DEFAULT]
+            return [_Group(None, mod.models, mod.slices, mod.parameters, f"modules.{DEFAULT}.")]
+        return [_Group(k, m.models, m.slices, m.parameters, f"modules.{k}.") for k, m in config.modules.items()]
+    if config.slices and modular:
+        raise ConfigError(f"slices: {arch} has the modules {', '.join(module_names(arch))}, each with its own "
+                          "layers; cut them with modules: (each module with its slices), as mergekit requires")
+    if modular:
+        return [_Group(k, config.models) for k in module_names(arch)]
+    return [_Group(None, config.models, config.slices)]
+
+
+def _module_membership(arch: Optional[str], groups: list[_Group], models: list[ModelRef],
+                       checkpoints: list[Checkpoint]) -> dict[tuple[int, Optional[str]], list[str]]:
+    """(model index, module) -> the model's tensor names in that module, in file order; module None: all of them.
+
+    A modular model's tensor outside every module, or in a module the config leaves out, is refused: the output
+    would lack it (mergekit writes only the listed modules, a model that no longer loads)."""
+    out: dict[tuple[int, Optional[str]], list[str]] = {}
+    listed = {g.module for g in groups}
+    for i, (ref, ck) in enumerate(zip(models, checkpoints)):
+        out[(i, None)] = list(ck.tensors)
+        if arch not in MODULES:
+            continue
+        for m in module_names(arch):
+            out[(i, m)] = []
+        for n in ck.tensors:
+            m = module_of(arch, n)
+            if m is None:
+                raise InputError(f"model {ref}: tensor {n!r} belongs to none of {arch}'s modules "
+                                 f"({', '.join(module_names(arch))}); alloy cannot tell how to merge it ({ck.path})")
+            if m not in listed:
+                count = sum(module_of(arch, x) == m for x in ck.tensors)
+                raise ConfigError(f"modules: {m} ({count} tensors of model {ref}) is not listed; list every module "
+                                  f"of {arch} ({', '.join(module_names(arch))}), or the output would lack it")
+            out[(i, m)].append(n)
+    return out
+
+
+class _Names:
+    """Each model's tensor names in a module (None: all of them), and its checkpoint."""
+
+    def __init__(self, models: list[ModelRef], checkpoints: list[Checkpoint],
+                 membership: dict[tuple[int, Optional[str]], list[str]]):
+        self._index = {str(r): i for i, r in enumerate(models)}
+        self._checkpoints, self._membership = checkpoints, membership
+
+    def __call__(self, ref: ModelRef, module: Optional[str]) -> list[str]:
+        return self._membership[(self._index[str(ref)], module)]
+
+    def checkpoint(self, ref: ModelRef) -> Checkpoint:
+        return self._checkpoints[self._index[str(ref)]]
+
+
+def _stack_index(name: str) -> tuple[Optional[str], int]:
+    m = LAYER_RE.match(name)
+    return (m.group(1), int(m.group(2))) if m else (None, -1)
+
+
+def stacks_of(names: list[str]) -> list[str]:
+    """The layer stacks among tensor names (`model.layers`, `vision_tower.transformer.layers`), in name order."""
+    return sorted({m.group(1) for n in names if (m := LAYER_RE.match(n))})
+
+
+def _lay_out_group(config: MergeConfig, g: _Group, runs: list[tuple[Optional[str], list[OutputSlice]]],
+                   template_ref: ModelRef, names: _Names, depth, add, base: Optional[ModelRef]
+                   ) -> tuple[dict[str, int], bool]:
+    """One module's output tensors, in output order: those before the layers (embeddings), each stack's layers,
+    those after (final norm, head). Returns each stack's output depth, and whether the output has a head."""
+    module = g.module
+
+    def config_params(sl: OutputSlice) -> _Params:
+        return _Params(config, sl, g.parameters)
+
+    first, last = runs[0][1][0], runs[0][1][-1]
+    non_layer = [n for n in names(template_ref, module) if _split(n) is None]
+    pre = [n for n in non_layer if any(h in n for h in PRE_HINTS + PRE_VISION) and not any(h in n for h in OUTPUT_HEADS)]
     post = [n for n in non_layer if n not in pre]
 
     def sources_for(sl: OutputSlice) -> list[ModelRef]:
@@ -416,16 +551,17 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     # the output has the head when any model has one, and a tied model gives its embedding matrix in its place
     tied_alias: dict[tuple[str, str], str] = {}
     heads = {n for n in post if any(h in n for h in OUTPUT_HEADS)} | {
-        n for m in sources_for(last) for n in ckpts[str(m)].tensors
+        n for m in sources_for(last) for n in names(m, module)
         if _split(n) is None and any(h in n for h in OUTPUT_HEADS)}
     for head in sorted(heads):
-        donor = next(ck for ck in [ckpts[str(m)] for m in sources_for(last)] + [template_ck] if head in ck)
+        donor_ref = next(m for m in sources_for(last) + [template_ref] if head in names(m, module))
+        shape = names.checkpoint(donor_ref).info(head).shape
         for m in sources_for(last):
-            if head not in ckpts[str(m)]:
-                ck = ckpts[str(m)]
-                alias = _tied_embedding(ck, donor.info(head).shape)
+            if head not in names(m, module):
+                ck = names.checkpoint(m)
+                alias = _tied_embedding(ck, names(m, module), shape)
                 if alias is None:
-                    has = next((x for x in sources_for(last) if head in ckpts[str(x)]), models[template])
+                    has = next((x for x in sources_for(last) if head in names(x, module)), template_ref)
                     why = ("though its config says tie_word_embeddings: false" if _says_untied(ck)
                            else "and no tied embedding of its shape to stand for it")
                     raise InputError(f"model {m}: has no {head!r} {why}, while {has} has one ({ck.path}); merged "
@@ -434,63 +570,69 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
         if head not in post:
             post.append(head)
 
-    template_ref = models[template]
     for m in sources_for(first):
-        _check_no_extra(m, ckpts[str(m)], [n for n in ckpts[str(m)].tensors if _split(n) is None and n not in post],
-                        set(pre), template_ref)
+        _check_no_extra(m, [n for n in names(m, module) if _split(n) is None and n not in post], set(pre), template_ref)
     for m in sources_for(last):
-        _check_no_extra(m, ckpts[str(m)], [n for n in ckpts[str(m)].tensors if _split(n) is None and n not in pre],
-                        set(post), template_ref)
+        _check_no_extra(m, [n for n in names(m, module) if _split(n) is None and n not in pre], set(post), template_ref)
     for n in pre:
-        add(n, [(m, n) for m in sources_for(first)], _Params(config, first), 0.0, first.base_model or base)
+        add(n, [(m, n) for m in sources_for(first)], config_params(first), 0.0, first.base_model or base)
 
-    out_layer = 0
-    for si, sl in enumerate(slices):
-        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
-        if len(lengths) != 1:
-            spans = ", ".join(f"{s.model}: {s.layer_range[1] - s.layer_range[0]}" for s in sl.sources)
-            if not config.slices:  # the user wrote `models:`; the ranges are each model's whole depth
-                raise InputError(f"the models have different numbers of layers ({spans}); merged models must have "
-                                 "the same architecture and size (or pick layers with slices: and layer_range)")
-            raise ConfigError(f"slices[{si}].sources: all sources of a slice must span the same number of layers "
-                              f"({spans})")
-        for j, s in enumerate(sl.sources):
-            have = layers[str(s.model)]
-            if s.layer_range[1] > have:
-                raise ConfigError(f"slices[{si}].sources[{j}].layer_range: {list(s.layer_range)} goes beyond model {s.model}, which has {have} layers")
-        n_layers = lengths.pop()
-        params = _Params(config, sl)
-        ref0 = sl.sources[0]
-        ck0 = ckpts[str(ref0.model)]
-        for k in range(n_layers):
-            t = k / (n_layers - 1) if n_layers > 1 else 1.0
-            in_layer0 = ref0.layer_range[0] + k
-            suffixes = [(m.group(1), m.group(3)) for nm in ck0.tensors if (m := LAYER_RE.match(nm)) and int(m.group(2)) == in_layer0]
-            if not suffixes and layers[str(ref0.model)] > 0:
-                raise InputError(f"model {ref0.model} has no tensors for layer {in_layer0}")
-            ours = {f"{prefix}.{in_layer0}.{suffix}" for prefix, suffix in suffixes}
-            for s in sl.sources[1:]:
-                layer = s.layer_range[0] + k
-                theirs = [nm for nm in ckpts[str(s.model)].tensors if (m := LAYER_RE.match(nm)) and int(m.group(2)) == layer]
-                _check_no_extra(s.model, ckpts[str(s.model)], theirs,
-                                {f"{p}.{layer}.{x}" for p, x in suffixes}, ref0.model, f" (its layer {in_layer0})")
-            for prefix, suffix in suffixes:
-                out_name = f"{prefix}.{out_layer}.{suffix}"
-                ins = [(s.model, f"{prefix}.{s.layer_range[0] + k}.{suffix}") for s in sl.sources]
-                add(out_name, ins, params, t, sl.base_model or base)
-            out_layer += 1
+    out_depth: dict[str, int] = {}
+    for stack, slices in runs:
+        if stack is None:  # no layers here (a projector module): every tensor is laid out above or below
+            if g.slices:
+                raise ConfigError(f"{g.at}slices: model {template_ref} has no layers alloy recognises (names like "
+                                  "model.layers.N.*) to take a layer_range of; merge it with models:")
+            continue
+        out_layer = 0
+        for si, sl in enumerate(slices):
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+            if len(lengths) != 1:
+                spans = ", ".join(f"{s.model}: {s.layer_range[1] - s.layer_range[0]}" for s in sl.sources)
+                if g.models:  # the user wrote `models:`; the ranges are each model's whole depth
+                    raise InputError(f"the models have different numbers of layers ({spans}{f' in {stack}' if stack else ''}); "
+                                     "merged models must have the same architecture and size (or pick layers with "
+                                     "slices: and layer_range)")
+                raise ConfigError(f"{g.at}slices[{si}].sources: all sources of a slice must span the same number of "
+                                  f"layers ({spans})")
+            for j, s in enumerate(sl.sources):
+                have = depth(s.model, module, stack)
+                if s.layer_range[1] > have:
+                    raise ConfigError(f"{g.at}slices[{si}].sources[{j}].layer_range: {list(s.layer_range)} goes beyond "
+                                      f"model {s.model}, which has {have} layers")
+            n_layers = lengths.pop()
+            params = config_params(sl)
+            ref0 = sl.sources[0]
+            for k in range(n_layers):
+                t = k / (n_layers - 1) if n_layers > 1 else 1.0
+                in_layer0 = ref0.layer_range[0] + k
+                suffixes = [(p, x) for p, i, x in _layer_tensors(names(ref0.model, module), in_layer0, stack)]
+                if not suffixes and depth(ref0.model, module, stack) > 0:
+                    raise InputError(f"model {ref0.model} has no tensors for layer {in_layer0}")
+                for s in sl.sources[1:]:
+                    layer = s.layer_range[0] + k
+                    theirs = [f"{p}.{i}.{x}" for p, i, x in _layer_tensors(names(s.model, module), layer, stack)]
+                    _check_no_extra(s.model, theirs, {f"{p}.{layer}.{x}" for p, x in suffixes}, ref0.model,
+                                    f" (its layer {in_layer0})")
+                for prefix, suffix in suffixes:
+                    out_name = f"{prefix}.{out_layer}.{suffix}"
+                    ins = [(s.model, f"{prefix}.{s.layer_range[0] + k}.{suffix}") for s in sl.sources]
+                    add(out_name, ins, params, t, sl.base_model or base)
+                out_layer += 1
+        if stack is not None:
+            out_depth[stack] = out_layer
 
     for n in post:
         # mergekit 0.1.5 evaluates gradients at t=0 for every non-layer tensor, the final norm and lm_head too
-        add(n, [(m, tied_alias.get((str(m), n), n)) for m in sources_for(last)], _Params(config, last), 0.0,
+        add(n, [(m, tied_alias.get((str(m), n), n)) for m in sources_for(last)], config_params(last), 0.0,
             last.base_model or base)
+    return out_depth, any(any(h in n for h in OUTPUT_HEADS) for n in post)
 
-    total_layers = out_layer if any(_split(n) for n in template_ck.tensors) else None
-    untied = any(any(h in n for h in OUTPUT_HEADS) for n in post) and not any(
-        any(h in n for h in OUTPUT_HEADS) for n in template_ck.tensors)
-    return Plan(config, models, checkpoints, tasks, index[str(base)] if base is not None else None,
-                total_layers, template, untied=untied, notes=list(vocab.notes) if vocab else [], vocab=vocab, side_files=side_files,
-                adapters=adapters)
+
+def _layer_tensors(names: list[str], layer: int, stack: Optional[str]) -> list[tuple[str, int, str]]:
+    """(stack, index, suffix) of the tensors of one layer, in one stack (None: any)."""
+    return [(m.group(1), layer, m.group(3)) for n in names if (m := LAYER_RE.match(n)) and int(m.group(2)) == layer
+            and (stack is None or m.group(1) == stack)]
 
 
 def _outside_tokenizer(config: MergeConfig, index: dict[str, int], search: list[Path],
@@ -512,16 +654,16 @@ def _says_untied(ck: Checkpoint) -> bool:
                                                               and text.get("tie_word_embeddings") is False)
 
 
-def _tied_embedding(ck: Checkpoint, shape: tuple[int, ...]) -> Optional[str]:
+def _tied_embedding(ck: Checkpoint, names: list[str], shape: tuple[int, ...]) -> Optional[str]:
     """The input embedding a tied checkpoint uses as its output head: refused when its config says it is untied."""
     if _says_untied(ck):
         return None
-    found = [n for n in ck.tensors if _split(n) is None and any(h in n for h in PRE_HINTS)
+    found = [n for n in names if _split(n) is None and any(h in n for h in PRE_HINTS)
              and not any(h in n for h in OUTPUT_HEADS) and tuple(ck.info(n).shape) == tuple(shape)]
     return found[0] if len(found) == 1 else None
 
 
-def _check_no_extra(ref: ModelRef, ck: Checkpoint, names: list[str], expected: set[str], template: ModelRef,
+def _check_no_extra(ref: ModelRef, names: list[str], expected: set[str], template: ModelRef,
                     where: str = "") -> None:
     """A tensor only some models have would be dropped without a word: the output follows one model's names."""
     extra = sorted(n for n in names if n not in expected)
