@@ -28,6 +28,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alloy merge", description="Merge models from a mergekit-style YAML config.")
     p.add_argument("config", help="mergekit-style YAML")
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted merge from its verified shards")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_engine_options(p)
+    return p
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The options of each merge (alloy merge's, and alloy multimerge's for every recipe)."""
     # mergekit-yaml's names for the same options are accepted too: --random-seed, --cuda, --out-shard-size
     p.add_argument("--seed", "--random-seed", type=int, default=None,
                    help="seed for random methods (dare, della); default 0")
@@ -36,8 +44,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", "--out-shard-size", default="2GB",
                    help="largest output shard, e.g. 2GB, 500MB (mergekit's 5B: 5e9 bytes)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="compute dtype override")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted merge from its verified shards")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt inputs (loaded with weights_only=True)")
     p.add_argument("--tie-break", default="index", choices=["index", "torch"],
                    help="mergekit's selection rules or alloy's: elements tied at a magnitude threshold (the first by "
@@ -56,7 +62,6 @@ def parser() -> argparse.ArgumentParser:
                         "base's), as mergekit's option: the base's floating tensors are cast to it first")
     p.add_argument("--no-progress", action="store_true")
     _mergekit_options(p)
-    return p
 
 
 def _mergekit_options(p: argparse.ArgumentParser) -> None:
@@ -112,34 +117,40 @@ def _check_mergekit_options(args: argparse.Namespace) -> None:
         print("alloy: --multi-gpu: alloy merges on one GPU", file=sys.stderr)
 
 
-def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    _check_mergekit_options(args)
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """run_merge's keywords from the engine options; sets up logging, threads and SIGTERM as a merge wants them."""
     import logging
     import os
     import signal
-    from pathlib import Path
 
+    _check_mergekit_options(args)
     if args.verbose:
         logging.basicConfig(format="%(message)s")
         logging.getLogger("alloy").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     if args.num_threads is not None:
         os.environ["ALLOY_COMPUTE_WORKERS"] = str(args.num_threads)  # read by merging.engine.compute_workers
-    from merging.engine import partial_folder, run_merge
 
     def terminated(signum, frame):  # `kill` stops a merge as Ctrl-C does: lock released, finished shards kept
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminated)
+    return dict(seed=args.seed, device=args.device, shard_size=parse_size(args.shard_size), dtype=args.dtype,
+                progress=not (args.no_progress or args.quiet) and sys.stderr.isatty(),
+                allow_pickle=args.allow_pickle, tie_break=args.tie_break, nan_policy=args.nan_policy,
+                lora_cache=args.lora_merge_cache, lora_dtype=args.lora_merge_dtype,
+                allow_crimes=args.allow_crimes, copy_tokenizer=args.copy_tokenizer,
+                model_card=args.write_model_card, hub_cache=args.transformers_cache)
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    kwargs = engine_kwargs(args)
+    from pathlib import Path
+
+    from merging.engine import partial_folder, run_merge
+
     try:
-        result = run_merge(args.config, args.out_dir, seed=args.seed, device=args.device,
-                           shard_size=parse_size(args.shard_size), dtype=args.dtype, resume=args.resume,
-                           overwrite=args.overwrite,
-                           progress=not (args.no_progress or args.quiet) and sys.stderr.isatty(),
-                           allow_pickle=args.allow_pickle, tie_break=args.tie_break, nan_policy=args.nan_policy,
-                           lora_cache=args.lora_merge_cache, lora_dtype=args.lora_merge_dtype,
-                           allow_crimes=args.allow_crimes, copy_tokenizer=args.copy_tokenizer,
-                           model_card=args.write_model_card, hub_cache=args.transformers_cache)
+        result = run_merge(args.config, args.out_dir, resume=args.resume, overwrite=args.overwrite, **kwargs)
     except KeyboardInterrupt:
         tmp = partial_folder(Path(args.out_dir).absolute())
         if tmp.exists():

@@ -315,8 +315,10 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         raise ConfigError(f"{source}: {_loc(best['loc'])}: {msg}") from None
 
 
-def read_yaml(path: str | Path, kind: str = "config file") -> Any:
-    """A YAML file's data, or one ConfigError line naming the file (and the line and column of a syntax error)."""
+def read_yaml(path: str | Path, kind: str = "config file", documents: bool = False) -> Any:
+    """A YAML file's data, or one ConfigError line naming the file (and the line and column of a syntax error).
+
+    documents: the file may hold several YAML documents (separated by ---): a list of them."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -325,8 +327,12 @@ def read_yaml(path: str | Path, kind: str = "config file") -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
     try:
-        return yaml.safe_load(text)  # the safe loader: no tag can build a Python object or run code
+        # the safe loader: no tag can build a Python object or run code
+        return list(yaml.safe_load_all(text)) if documents else yaml.safe_load(text)
     except yaml.YAMLError as e:
+        if "expected a single document" in str(getattr(e, "context", "")):
+            raise ConfigError(f"{path}: holds several YAML documents (separated by ---); a file of merge recipes "
+                              "that build on each other (mergekit-multi's) is run by `alloy multimerge`") from None
         mark = getattr(e, "problem_mark", None)
         where = f"{path}: line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
         if isinstance(e, yaml.constructor.ConstructorError) and "tag" in str(getattr(e, "problem", "")):

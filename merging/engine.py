@@ -378,7 +378,8 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: in
               extra_card: dict | None = None, tie_break: str = "index", kernels: bool | None = None,
               nan_policy: str | None = None, lora_cache: str | Path | None = None,
               lora_dtype: str | None = None, allow_crimes: bool = False, copy_tokenizer: bool = True,
-              model_card: bool = True, hub_cache: str | Path | None = None) -> MergeResult:
+              model_card: bool = True, hub_cache: str | Path | None = None,
+              search_paths: list[Path] | None = None) -> MergeResult:
     """Merge to a Hugging Face checkpoint folder, atomically. See docs/design.md.
 
     tie_break: which of several elements tied at a magnitude threshold are kept — "index" (the first by position:
@@ -389,6 +390,7 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: in
     lora_dtype: the dtype they are merged in (mergekit's --lora-merge-dtype; default: the base's).
     allow_crimes, copy_tokenizer, model_card, hub_cache: mergekit's --allow-crimes (models of different
     architectures), --no-copy-tokenizer, --no-write-model-card and --transformers-cache (where hub ids download).
+    search_paths: folders relative model paths are looked up in, after the config file's (and the working folder).
     """
     from merging.hub import hub_cache as hub_folder
     from merging.primitives import tie_break as tie_rule
@@ -398,12 +400,12 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, seed: in
                           resume=resume, overwrite=overwrite, progress=progress, model_paths=model_paths,
                           allow_pickle=allow_pickle, extra_card=extra_card, kernels=kernels, nan_policy=nan_policy,
                           lora_cache=lora_cache, lora_dtype=lora_dtype, allow_crimes=allow_crimes,
-                          copy_tokenizer=copy_tokenizer, model_card=model_card)
+                          copy_tokenizer=copy_tokenizer, model_card=model_card, search_paths=search_paths)
 
 
 def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, overwrite, progress, model_paths,
                allow_pickle, extra_card, kernels, nan_policy, lora_cache, lora_dtype, allow_crimes, copy_tokenizer,
-               model_card) -> MergeResult:
+               model_card, search_paths) -> MergeResult:
     from merging.output import check_tokenizer_policy, finalize_output
 
     t0 = time.perf_counter()
@@ -412,6 +414,7 @@ def _run_merge(config, out_dir, *, seed, device, shard_size, dtype, resume, over
         search.append(Path(config).resolve().parent)
         inputs.append(Path(config))
         config = load_config(config)
+    search += list(search_paths or [])
     seed = 0 if seed is None else int(seed)
     check_device(device)
     out_dir = Path(out_dir).absolute()

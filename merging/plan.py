@@ -185,6 +185,15 @@ def _check_parameter_names(config: MergeConfig, spec: MethodSpec | None) -> None
                 raise ConfigError(f"{where}.{key}: method {name!r} has no parameter {key!r}{hint}")
 
 
+def check_config(config: MergeConfig) -> MethodSpec | None:
+    """What can be checked of a config without its models: the method, its parameters' names, types and ranges."""
+    spec = _method(config)
+    _check_parameter_names(config, spec)
+    check_parameter_values(config, per_model=set(spec.per_model) if spec else {"scale"},
+                           shared=set(spec.globals) if spec else set())
+    return spec
+
+
 def _normalised_slices(models: list, base: Optional[ModelRef], depth) -> list[OutputSlice]:
     """`models:` as one slice of each model's whole depth (depth: ModelRef -> layers)."""
     sources = [InputSlice(model=m.model, layer_range=(0, max(depth(m.model), 1)), parameters=m.parameters)
@@ -244,10 +253,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
     lora_torch_dtype = TORCH_DTYPES.get(lora_dtype.removeprefix("torch.")) if lora_dtype is not None else None
     if lora_dtype is not None and lora_torch_dtype is None:
         raise ConfigError(f"--lora-merge-dtype {lora_dtype!r}: expected one of float32, float16, bfloat16, float64")
-    spec = _method(config)
-    _check_parameter_names(config, spec)
-    check_parameter_values(config, per_model=set(spec.per_model) if spec else {"scale"},
-                           shared=set(spec.globals) if spec else set())
+    spec = check_config(config)
     policy = check_nan_policy(nan_policy) if nan_policy is not None else current_nan_policy()
     search = [Path.cwd()] + list(search_paths or [])
     refs = config.referenced_models()

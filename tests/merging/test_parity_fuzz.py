@@ -8,6 +8,7 @@ does with each:
   (bf16, fp16), and the same num_hidden_layers in config.json.
 
 Methods, `models:` and `slices:` forms (sub-ranges, stacked ranges, other models per slice, a slice's own base_model),
+either also under `modules: {default: ...}` (with the module's own parameters, shadowing the top level's),
 parameter values as scalars, gradients and filter lists at the top, slice and model levels, dtype / out_dtype, a
 base_model listed among the models or not. Configs stay inside what alloy refuses on purpose (docs/reliability.md):
 values in their documented ranges, shared parameters never set on one model, weights that cannot sum to 0 where a
@@ -242,6 +243,13 @@ def merge_configs(draw) -> tuple[dict, bool]:
                 sl["parameters"] = slice_params
             slices.append(sl)
         cfg["slices"] = slices
+    if draw(st.integers(0, 3)) == 0:  # mergekit's modules: form, the one module of a one-module model
+        module: dict[str, Any] = {form: cfg.pop(form)}
+        if "parameters" in cfg and draw(st.booleans()):
+            module["parameters"] = cfg.pop("parameters")
+            if draw(st.booleans()):  # a top-level value the module's own shadows
+                cfg["parameters"] = {name: _setting(draw, params[name]) for name in module["parameters"]}
+        cfg["modules"] = {"default": module}
     for key in ("dtype", "out_dtype"):
         dt = draw(st.sampled_from([None, None, None, "float32", "bfloat16", "float16", "float64"]))
         if dt is not None:
