@@ -132,7 +132,7 @@ def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "floa
     density_of = {t.name: t.per_model.get("density") for t in real.tasks} if real else {}
     names = [str(plan.models[m]) for m, _ in plan.tasks[0].inputs] if plan.tasks else []
     overall = _Acc(len(names))
-    layers: dict[int, _Acc] = {}
+    layers: dict[tuple[str, int], _Acc] = {}
     nonfinite: list[str] = []
     for task in plan.tasks:
         if task.base is None:
@@ -150,10 +150,13 @@ def inspect_merge(config: MergeConfig | str | Path, *, dtype: str | None = "floa
         overall.add(deltas, dens)
         m = LAYER_RE.match(task.name)
         if m:
-            layers.setdefault(int(m.group(2)), _Acc(len(names))).add(deltas, dens)
+            layers.setdefault((m.group(1), int(m.group(2))), _Acc(len(names))).add(deltas, dens)
+    # one stack: layers by index, as always; a VLM's stacks (text decoder, vision tower): by stack and index
+    one_stack = len({stack for stack, _ in layers}) <= 1
     return {"method": config.merge_method, "base": str(config.base_model), "models": names,
             "overall": overall.summary(names),
-            "layers": {str(k): layers[k].summary(names) for k in sorted(layers)},
+            "layers": {(str(i) if one_stack else f"{stack}.{i}"): layers[(stack, i)].summary(names)
+                       for stack, i in sorted(layers)},
             **({"nonfinite": nonfinite} if nonfinite else {})}
 
 

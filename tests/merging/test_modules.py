@@ -215,3 +215,14 @@ def test_gpt2_files_without_a_prefix_have_layers(tmp_path):
 ])
 def test_module_of_takes_the_longest_prefix(arch, name, module):
     assert module_of(arch, name) == module
+
+
+def test_inspect_keeps_the_stacks_apart(vlm, tmp_path):
+    from merging.inspect import inspect_merge
+
+    fts = [{"model": str(vlm[k])} for k in ("ft0", "ft1")]
+    cfg = {"merge_method": "ties", "base_model": str(vlm["base"]), "parameters": {"density": 0.5, "weight": 1.0},
+           "modules": {m: {"models": fts} for m in ("text_decoder", "vision_tower", "multi_modal_projector")}}
+    report = inspect_merge(write_cfg(tmp_path, cfg))
+    assert list(report["layers"]) == ([f"language_model.model.layers.{i}" for i in range(TEXT_LAYERS)]
+                                      + [f"vision_tower.transformer.layers.{i}" for i in range(VISION_LAYERS)])
