@@ -226,3 +226,23 @@ def test_inspect_keeps_the_stacks_apart(vlm, tmp_path):
     report = inspect_merge(write_cfg(tmp_path, cfg))
     assert list(report["layers"]) == ([f"language_model.model.layers.{i}" for i in range(TEXT_LAYERS)]
                                       + [f"vision_tower.transformer.layers.{i}" for i in range(VISION_LAYERS)])
+
+
+def test_t5_blocks_are_layers_and_every_tensor_is_merged(tmp_path):
+    # T5's `decoder.block.N.layer.2.DenseReluDense` was read as layer 2 of a stack `decoder.block.N.layer`, cut at
+    # the config's num_layers (2): the decoder's feed-forward sublayers were dropped without a word
+    import transformers as tf
+
+    cfg = tf.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=4)
+    paths = []
+    for k in range(2):
+        torch.manual_seed(k)
+        tf.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / f"m{k}")
+        paths.append(tmp_path / f"m{k}")
+    merge = {"merge_method": "linear", "dtype": "float32",
+             "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, (0.3, 0.7))]}
+    run_merge(write_cfg(tmp_path, merge), tmp_path / "out", progress=False, copy_tokenizer=False)
+    out, a, b = load_dir(tmp_path / "out"), load_dir(paths[0]), load_dir(paths[1])
+    assert set(out) == set(a)
+    for name in out:
+        torch.testing.assert_close(out[name], 0.3 * a[name] + 0.7 * b[name])
