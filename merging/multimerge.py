@@ -64,7 +64,7 @@ def load_recipes(path: str | Path) -> list[Recipe]:
     if not recipes:
         raise ConfigError(f"{path}: no merge configs in it")
     for r in recipes.values():
-        r.needs = sorted({ref.path for ref in _references(r.config) if ref.path in recipes and ref.path is not None})
+        r.needs = sorted({ref.path for ref in _references(r.config) if ref.path in recipes})
         if r.name in r.needs:
             raise ConfigError(f"{path}: {r.label} merges its own output")
     return _ordered(recipes, path)
