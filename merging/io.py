@@ -381,7 +381,8 @@ class ShardFile:
         dtype, shape = self.shapes[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"tensor {name}: planned {dtype} {shape}, computed {tensor.dtype} {tuple(tensor.shape)}")
-        data = memoryview(tensor.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy())
+        flat = tensor.detach().contiguous().cpu().reshape(-1)  # (an empty tensor's strides refuse a byte view)
+        data = memoryview(flat.view(torch.uint8).numpy())
         self.f.write(data)
         if hasattr(os, "posix_fadvise"):
             # start the disk writing this tensor now (Linux begins writeback of the dirty range), so the fsync at

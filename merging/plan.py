@@ -146,6 +146,21 @@ def _local_folder(ref: Any, what: str, search: list[Path], model_paths: dict[str
     return path
 
 
+def local_model(ref: ModelRef, search: list[Path], model_paths: dict[str, Path] | None = None,
+                lora_cache: str | Path | None = None, lora_dtype: torch.dtype | None = None
+                ) -> tuple[Path, Optional[tuple[Path, Path]]]:
+    """A model reference as a local checkpoint folder (a `base+adapter` one merged into the LoRA cache first), and
+    for those the (base, adapter) folders."""
+    path = _local_folder(ref.base, "model", search, model_paths)
+    if ref.lora is None:
+        return path, None
+    from merging.lora import materialize_lora
+
+    adapter = _local_folder(ref.lora, "LoRA adapter", search, model_paths)
+    merged = materialize_lora(path, adapter, Path(lora_cache) if lora_cache else default_lora_cache(), lora_dtype)
+    return merged, (path, adapter)
+
+
 def num_layers_of(ckpt: Checkpoint) -> int:
     cfg = ckpt.config
     for key in LAYER_KEYS:
@@ -263,14 +278,9 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
         key = str(ref)
         path = (model_paths or {}).get(key)
         if path is None:
-            path = _local_folder(ref.base, "model", search, model_paths)
-            if ref.lora is not None:
-                from merging.lora import materialize_lora
-
-                adapter = _local_folder(ref.lora, "LoRA adapter", search, model_paths)
-                adapters[key] = (path, adapter)
-                path = materialize_lora(path, adapter, Path(lora_cache) if lora_cache else default_lora_cache(),
-                                        lora_torch_dtype)
+            path, adapter = local_model(ref, search, model_paths, lora_cache, lora_torch_dtype)
+            if adapter is not None:
+                adapters[key] = adapter
         ckpts[key] = Checkpoint(path, allow_pickle=allow_pickle, nan_policy=policy)
     layers = {k: num_layers_of(c) for k, c in ckpts.items()}
     models = refs
