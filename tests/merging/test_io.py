@@ -75,3 +75,20 @@ def test_truncated_file_is_a_clear_error_not_a_crash(shard, tmp_path):
     cut.write_bytes(shard.read_bytes()[:info.end - 100])
     with pytest.raises(InputError, match="truncated"):
         IO.read_tensor(IO.TensorInfo(info.name, cut, info.dtype, info.shape, info.start, info.end))
+
+
+def test_shard_file_writes_an_empty_tensor(tmp_path):
+    from safetensors.torch import load_file
+
+    from merging.io import ShardFile
+
+    # an empty slice of an SVD's factors has stride 0 in its last dimension, which contiguous() keeps
+    empty = torch.ones(0)[:, None] * torch.linalg.svd(torch.randn(6, 4), full_matrices=False)[2][:0]
+    assert empty.stride()[-1] == 0
+    tensors = {"empty": empty, "x": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    shard = ShardFile(tmp_path / "s.safetensors", [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], {})
+    for n, t in tensors.items():
+        shard.write(n, t)
+    shard.close()
+    back = load_file(tmp_path / "s.safetensors")
+    assert back["empty"].shape == (0, 4) and torch.equal(back["x"], tensors["x"])
