@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("alloy.cmd_merge:main", "merge models from a mergekit-style YAML"),
     "multimerge": ("alloy.cmd_multimerge:main", "merge recipes that build on each other (mergekit-multi's YAML)"),
     "extract-lora": ("alloy.cmd_extract_lora:main", "a fine-tune as a LoRA adapter of its base (SVD of each layer's difference)"),
+    "moe": ("alloy.cmd_moe:main", "dense models as the experts of a Mixtral mixture (mergekit-moe's YAML)"),
     "eval": ("alloy.cmd_eval:main", "evaluate a model with lm-eval on the bundled skills or any lm-eval task"),
     "quant-check": ("alloy.cmd_quant:main", "check that a model survives int8/int4 quantisation"),
     "import-gguf": ("alloy.cmd_import_gguf:main", "turn a GGUF file into a Hugging Face safetensors checkpoint"),
