@@ -23,3 +23,12 @@ def device(text: str) -> str:
     if not DEVICE_RE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
     return text
+
+
+def add_model_source_options(p: argparse.ArgumentParser) -> None:
+    """Where `base+adapter` references are merged and hub ids downloaded (mergekit's names for both)."""
+    p.add_argument("--lora-merge-cache", default=None, metavar="DIR",
+                   help="where `base+adapter` models are merged into full checkpoints once and reused "
+                        "(default: ~/.cache/alloy/lora, or $XDG_CACHE_HOME/alloy/lora)")
+    p.add_argument("--transformers-cache", default=None, metavar="DIR",
+                   help="download hub ids into DIR instead of huggingface_hub's cache")

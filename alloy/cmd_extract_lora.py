@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from alloy.argtypes import add_model_source_options
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alloy extract-lora",
@@ -32,9 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the SVDs run: cpu or cuda")
     p.add_argument("--cuda", dest="device", action="store_const", const="cuda", help="the same as --device cuda")
     p.add_argument("--overwrite", action="store_true", help="replace --out-path if it exists")
-    p.add_argument("--lora-merge-cache", default=None, metavar="DIR",
-                   help="where base+adapter references are merged once (default ~/.cache/alloy/lora)")
-    p.add_argument("--transformers-cache", default=None, metavar="DIR", help="download hub ids into DIR")
+    add_model_source_options(p)
     p.add_argument("--quiet", action="store_true")
     return p
 

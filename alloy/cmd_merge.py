@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 
+from alloy.argtypes import add_model_source_options
 from merging.errors import ConfigError
 
 # mergekit's --out-shard-size reads K, M and B as thousand, million and billion ("5B", its default, is 5e9 bytes);
@@ -54,9 +55,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nan-policy", default="refuse", choices=["refuse", "warn"],
                    help="an input tensor holding NaN or Inf: refuse the merge (default), or warn and merge it anyway "
                         "(recorded in alloy_manifest.json)")
-    p.add_argument("--lora-merge-cache", default=None, metavar="DIR",
-                   help="where `base+adapter` models are merged into full checkpoints once and reused "
-                        "(default: ~/.cache/alloy/lora, or $XDG_CACHE_HOME/alloy/lora)")
+    add_model_source_options(p)
     p.add_argument("--lora-merge-dtype", default=None, metavar="DTYPE",
                    help="merge `base+adapter` models in this dtype (float32, bfloat16, float16, float64; default: the "
                         "base's), as mergekit's option: the base's floating tensors are cast to it first")
@@ -77,8 +76,6 @@ def _mergekit_options(p: argparse.ArgumentParser) -> None:
                    help="copy the tokenizer into the output (default); --no-copy-tokenizer writes one only when the "
                         "config builds it (tokenizer_source / tokenizer)")
     g.add_argument("--write-model-card", action=yes_no, default=True, help="write README.md (default)")
-    g.add_argument("--transformers-cache", default=None, metavar="DIR",
-                   help="download hub ids into DIR instead of huggingface_hub's cache")
     g.add_argument("--quiet", action=yes_no, default=False, help="no progress bar and no summary line")
     g.add_argument("-v", dest="verbose", action="count", default=0, help="log what alloy does (-vv: more)")
     g.add_argument("-j", "--num-threads", type=int, default=None, metavar="N",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from alloy.argtypes import add_model_source_options
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alloy moe", description="Build a Mixtral mixture-of-experts model from a base "
@@ -22,9 +24,7 @@ def parser() -> argparse.ArgumentParser:
                    help="copy the base's tokenizer into the output (default)")
     p.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_all_same", action="store_true",
                    help="build it even when every expert is the same model")
-    p.add_argument("--lora-merge-cache", default=None, metavar="DIR",
-                   help="where base+adapter references are merged once (default ~/.cache/alloy/lora)")
-    p.add_argument("--transformers-cache", default=None, metavar="DIR", help="download hub ids into DIR")
+    add_model_source_options(p)
     p.add_argument("--quiet", action="store_true")
     return p
 
