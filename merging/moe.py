@@ -280,7 +280,7 @@ def build_moe(config: MoEConfig | str | Path, out: str | Path, *, seed: int = 0,
         (tmp / "config.json").write_text(json.dumps(mixtral_config(base_dir, len(experts), config.experts_per_token,
                                                                    dtype), indent=2) + "\n")
         if copy_tokenizer:
-            for name in TOKENIZER_FILES:
+            for name in (*TOKENIZER_FILES, "chat_template.jinja"):
                 if (f := model_file(base_dir, name)) is not None:
                     shutil.copyfile(f, tmp / name)
         text = source.read_text() if source is not None else json.dumps(config.model_dump(mode="json"), indent=2)
