@@ -246,3 +246,80 @@ def test_t5_blocks_are_layers_and_every_tensor_is_merged(tmp_path):
     assert set(out) == set(a)
     for name in out:
         torch.testing.assert_close(out[name], 0.3 * a[name] + 0.7 * b[name])
+
+
+def _tiny(arch: str):
+    import transformers as tf
+
+    text = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    if arch == "gemma3":
+        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                       image_size=32, patch_size=8)
+        return tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**text),
+                                                                 vision_config=vision, mm_tokens_per_image=4))
+    if arch == "qwen2_vl":
+        return tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(
+            text_config=dict(**text), vision_config=dict(depth=3, embed_dim=32, hidden_size=32, num_heads=4,
+                                                         mlp_ratio=2), bos_token_id=1, eos_token_id=2))
+    return tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+        vocab_size=96, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=32,
+        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        suppress_tokens=[], begin_suppress_tokens=[]))
+
+
+# the modules of each architecture, and which of them carry a layer stack whose depth config.json records
+MODULE_DEPTHS = {"gemma3": {"text_decoder": ("text_config.num_hidden_layers", 2),
+                            "vision_tower": ("vision_config.num_hidden_layers", 3), "multi_modal_projector": None},
+                 "qwen2_vl": {"text_decoder": ("text_config.num_hidden_layers", 2),
+                              "vision_tower": ("vision_config.depth", 3), "multi_modal_projector": None},
+                 "whisper": {"encoder": ("encoder_layers", 3), "decoder": ("decoder_layers", 2)}}
+
+
+@pytest.mark.parametrize("arch", sorted(MODULE_DEPTHS))
+def test_each_module_takes_its_own_weights_and_frankenmerge_depth(arch, tmp_path):
+    """Per-module weights land on exactly that module's tensors (so the name -> module table fits the checkpoints
+    transformers saves), and a module's stack cut by slices changes its own depth key only; transformers loads it."""
+    from merging.modules import architecture
+    import transformers as tf
+
+    torch.manual_seed(0)
+    paths = []
+    for k in range(2):
+        model = _tiny(arch)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape))
+        model.save_pretrained(tmp_path / f"m{k}")
+        paths.append(tmp_path / f"m{k}")
+    a, b = load_dir(paths[0]), load_dir(paths[1])
+    arch_name = architecture(json.loads((paths[0] / "config.json").read_text()))
+    weights = {m: 0.1 * (i + 1) for i, m in enumerate(MODULE_DEPTHS[arch])}
+    cfg = {"merge_method": "linear", "dtype": "float32", "modules": {
+        m: {"models": [{"model": str(paths[0]), "parameters": {"weight": w}},
+                       {"model": str(paths[1]), "parameters": {"weight": 1 - w}}]} for m, w in weights.items()}}
+    run_merge(write_cfg(tmp_path, cfg), tmp_path / "lin", progress=False, copy_tokenizer=False)
+    out = load_dir(tmp_path / "lin")
+    assert set(out) == set(a)
+    seen = set()
+    for name, t in out.items():
+        w = weights[module_of(arch_name, name)]
+        seen.add(module_of(arch_name, name))
+        torch.testing.assert_close(t, w * a[name] + (1 - w) * b[name])
+    assert seen == set(weights)
+    # cut the deepest stack to one layer, the others whole
+    deep = max((m for m, d in MODULE_DEPTHS[arch].items() if d), key=lambda m: MODULE_DEPTHS[arch][m][1])
+    cut = {m: ({"slices": [{"sources": [{"model": str(paths[0]), "layer_range": [1, 2]}]}]} if m == deep
+               else {"models": [{"model": str(paths[1])}]}) for m in MODULE_DEPTHS[arch]}
+    run_merge(write_cfg(tmp_path, {"merge_method": "passthrough", "modules": cut}), tmp_path / "cut", progress=False,
+              copy_tokenizer=False)
+    out_cfg = json.loads((tmp_path / "cut" / "config.json").read_text())
+    for m, d in MODULE_DEPTHS[arch].items():
+        if d:
+            node = out_cfg
+            for part in d[0].split("."):
+                node = node[part]
+            assert node == (1 if m == deep else d[1]), (m, d)
+    loaded = getattr(tf, type(_tiny(arch)).__name__).from_pretrained(tmp_path / "cut")
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in _tiny(arch).parameters())
