@@ -123,6 +123,24 @@ def test_low_rank_delta_is_found_and_alloy_merges_the_adapter_back(tmp_path):
     torch.testing.assert_close(merged[q], ft[q], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(40, 40), (24, 70), (70, 24)])
+def test_top_singular_triplets_are_svds(shape):
+    from merging.extract import top_singular
+
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(shape, generator=g)
+    u, s, vh = top_singular(d, 6)
+    u0, s0, vh0 = torch.linalg.svd(d.double(), full_matrices=False)
+    torch.testing.assert_close(s.double(), s0[:6], rtol=1e-6, atol=0)
+    torch.testing.assert_close((u * s) @ vh, ((u0[:, :6] * s0[:6]) @ vh0[:6]).float(), rtol=1e-5, atol=1e-5)
+    # rank 2 (and an all-zero matrix): the directions past it have s = 0 and add nothing, with finite vectors
+    low = torch.randn(shape[0], 2, generator=g) @ torch.randn(2, shape[1], generator=g)
+    for m in (low, torch.zeros(shape)):
+        u, s, vh = top_singular(m, 6)
+        assert torch.isfinite(u).all() and torch.isfinite(vh).all() and (s[2:] == 0).all()
+        torch.testing.assert_close((u * s) @ vh, m, rtol=1e-5, atol=1e-5)
+
+
 def test_factors_are_the_truncated_svd():
     g = torch.Generator().manual_seed(0)
     d = torch.randn(12, 7, generator=g)
