@@ -157,7 +157,7 @@ def run_multimerge(path: str | Path, intermediate_dir: str | Path, out_path: str
 
     overwrite: replace OUT_PATH when the final merge runs again (intermediates are alloy's own outputs and are
     replaced when their recipe runs again)."""
-    from merging.engine import run_merge
+    from merging.engine import partial_folder, run_merge
 
     path = Path(path)
     recipes = load_recipes(path)
@@ -166,13 +166,17 @@ def run_multimerge(path: str | Path, intermediate_dir: str | Path, out_path: str
     names = {r.name: intermediate_dir / r.name for r in recipes if r.name is not None}
     intermediate_dir.mkdir(parents=True, exist_ok=True)
     for step in steps:
+        # a recipe killed mid-merge left its verified shards beside its output: they are reused (the engine
+        # checks they belong to this config, inputs and seed, and starts over if not)
+        resume = step.action != "skip" and partial_folder(step.out.absolute()).exists()
         if log is not None:
             log(f"{step.recipe.label}: " + ("already merged from this config, kept" if step.action == "skip"
-                                            else f"merging into {step.out}" + (f" ({step.why})" if step.why else "")))
+                                            else f"{'resuming' if resume else 'merging'} into {step.out}"
+                                            + (f" ({step.why})" if step.why else "")))
         if step.action == "skip":
             continue
         # the recipes' names stand for their output folders, as models, adapters' bases and tokenizer sources
         step.result = run_merge(step.recipe.config, step.out, model_paths=dict(names),
-                                overwrite=step.action == "remerge", search_paths=[path.resolve().parent],
-                                **merge_kwargs)
+                                overwrite=step.action == "remerge", resume=resume,
+                                search_paths=[path.resolve().parent], **merge_kwargs)
     return steps

@@ -147,3 +147,42 @@ def test_command_line(family_fp32, tmp_path):
     assert r.returncode == 0 and r.stdout.count("kept") == 3, r.stdout
     r = subprocess.run(cmd[:-3], capture_output=True, text=True)  # no --out-path
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--out-path" in r.stderr, r.stderr
+
+
+def test_a_killed_run_resumes_the_recipe_it_was_merging(family_fp32, tmp_path):
+    """kill -9 while the second recipe is half written, then the same command again: the first recipe is kept, the
+    second continues from its verified shards, and every output is byte-identical to an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    file = _write(tmp_path / "multi.yml", _docs(family_fp32))
+    run_multimerge(file, tmp_path / "ref", tmp_path / "ref_final", progress=False, copy_tokenizer=False,
+                   shard_size=20_000)
+    cmd = [sys.executable, "-m", "alloy", "multimerge", str(file), "-I", str(tmp_path / "inter"), "--out-path",
+           str(tmp_path / "final"), "--no-copy-tokenizer", "--shard-size", "20KB"]
+    partial = tmp_path / "inter" / ".tuned.alloy-partial"
+    proc = subprocess.Popen(cmd, env=dict(os.environ, ALLOY_TEST_SLOW_WRITE="0.05"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if len(json.loads((partial / "alloy_journal.json").read_text())["shards"]) >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = sorted(json.loads((partial / "alloy_journal.json").read_text())["shards"])
+    stamps = {f: (partial / f).stat().st_mtime_ns for f in kept}
+    assert (tmp_path / "inter" / "soup").exists() and not (tmp_path / "inter" / "tuned").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "soup: already merged" in r.stderr and "tuned: resuming into" in r.stderr
+    assert all((tmp_path / "inter" / "tuned" / f).stat().st_mtime_ns == stamps[f] for f in kept)
+    for ours, ref in (("inter/soup", "ref/soup"), ("inter/tuned", "ref/tuned"), ("final", "ref_final")):
+        files = sorted(p.name for p in (tmp_path / ref).iterdir())
+        assert sorted(p.name for p in (tmp_path / ours).iterdir()) == files
+        for f in files:
+            assert (tmp_path / ours / f).read_bytes() == (tmp_path / ref / f).read_bytes(), (ours, f)
