@@ -16,7 +16,6 @@ adapter_config.json and README.md, written aside and renamed into place whole.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -155,7 +154,7 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, max_ra
     """Write the LoRA adapter that takes `base` to `model` (both local checkpoint folders) into `out`.
 
     base_name: what adapter_config.json names as the base (default: `base` as given)."""
-    from merging.folders import replace_folder
+    from merging.folders import build_folder, replace_folder
 
     out = Path(out)
     if max_rank < 1:
@@ -212,9 +211,7 @@ def extract_lora(model: str | Path, base: str | Path, out: str | Path, *, max_ra
             entries.append((key, bias.dtype, tuple(bias.shape)))
 
     result.config = config = adapter_config(base_name if base_name is not None else str(base), ranks, saved)
-    tmp = out.with_name(f".{out.name}.extracting-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = build_folder(out, "extracting")
     try:
         shard = ShardFile(tmp / "adapter_model.safetensors", entries, {"format": "pt"})
         for key, _, _ in entries:

@@ -38,3 +38,20 @@ def publish_once(new: Path, out: Path) -> bool:
     except OSError:
         shutil.rmtree(new, ignore_errors=True)
         return False
+
+
+def build_folder(out: Path, tag: str) -> Path:
+    """An empty folder beside `out` to build it in, named for this process (`.OUT.TAG-PID`), for replace_folder to
+    move into place. Those left by processes that are gone (killed mid-build) are removed first; a running one's
+    is left alone."""
+    for p in out.parent.glob(f".{out.name}.{tag}-*"):
+        try:
+            os.kill(int(p.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+    tmp = out.with_name(f".{out.name}.{tag}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Literal, Optional
@@ -187,7 +186,7 @@ def build_moe(config: MoEConfig | str | Path, out: str | Path, *, seed: int = 0,
               allow_all_same: bool = False, search: Optional[list[Path]] = None,
               lora_cache: str | Path | None = None) -> dict:
     """Write the Mixtral mixture of a mergekit-moe config into `out` (atomically); returns its manifest."""
-    from merging.folders import replace_folder
+    from merging.folders import build_folder, replace_folder
     from merging.plan import local_model
     from merging.tokenizer import TOKENIZER_FILES
     from merging.io import model_file
@@ -259,9 +258,7 @@ def build_moe(config: MoEConfig | str | Path, out: str | Path, *, seed: int = 0,
             t = t * e.residual_scale
         return t.to(dtype)
 
-    tmp = out.with_name(f".{out.name}.moe-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = build_folder(out, "moe")
     try:
         for fname, shard_entries in zip(layout.file_names, layout.shards):
             shard = ShardFile(tmp / fname, shard_entries, {"format": "pt"})

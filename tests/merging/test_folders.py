@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from merging.folders import publish_once, replace_folder
+from merging.folders import build_folder, publish_once, replace_folder
 
 
 def _folder(path, text):
@@ -49,3 +49,22 @@ def test_publish_once_keeps_the_folder_another_process_published_first(tmp_path)
     assert (out / "f").read_text() == "first" and not new.exists()
     assert publish_once(_folder(tmp_path / ".other", "x"), tmp_path / "fresh") is True
     assert (tmp_path / "fresh" / "f").read_text() == "x"
+
+
+def test_build_folder_sweeps_what_dead_processes_left_and_spares_live_ones(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has exited: its pid is free
+    out = tmp_path / "out"
+    left = tmp_path / f".out.moe-{dead}"
+    (left / "model.safetensors").parent.mkdir(parents=True)
+    (left / "model.safetensors").write_text("half")
+    live = tmp_path / f".out.moe-{os.getppid()}"  # a running process (this one's parent)
+    live.mkdir()
+    other = tmp_path / ".other.moe-1"  # another output's: not ours to judge
+    other.mkdir()
+    tmp = build_folder(out, "moe")
+    assert tmp == tmp_path / f".out.moe-{os.getpid()}" and tmp.is_dir() and not any(tmp.iterdir())
+    assert not left.exists() and live.exists() and other.exists()
