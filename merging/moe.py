@@ -181,6 +181,23 @@ def mixtral_config(base_dir: Path, experts: int, per_token: int, dtype: torch.dt
     return data
 
 
+def moe_card(config: MoEConfig, config_text: str, folders: list[Path]) -> str:
+    """The mixture's model card: what went in and how it routes; `base_model` lists hub ids only (the Hub refuses a
+    card that names a local path there)."""
+    from merging.hub import snapshot_repo_id
+
+    hub = [r for r in dict.fromkeys(snapshot_repo_id(Path(f)) for f in folders) if r]
+    front = "---\n" + ("base_model:\n" + "".join(f"- {r}\n" for r in hub) if hub else "") + \
+        "library_name: transformers\ntags:\n- alloy\n- moe\n- mixtral\n---\n\n"
+    experts = "".join(f"{i}. `{e.source_model}`" + (f": {', '.join(repr(p) for p in e.positive_prompts)}"
+                                                      if e.positive_prompts else "") + "\n"
+                      for i, e in enumerate(config.experts))
+    return (f"{front}# Mixture of experts\n\nMade with alloy (`alloy moe`): a Mixtral mixture of {len(config.experts)} "
+            f"experts, {config.experts_per_token} per token, on `{config.base_model}` (attention, norms, embeddings "
+            f"and head); each expert is a model's MLP, routed by `{config.gate_mode}` gates. Experts (and the prompts "
+            f"that route to them):\n\n{experts}\n## Configuration\n\n```yaml\n{config_text.rstrip()}\n```\n")
+
+
 def build_moe(config: MoEConfig | str | Path, out: str | Path, *, seed: int = 0, device: str = "cpu",
               shard_size: int = 2 * 1024**3, copy_tokenizer: bool = True, overwrite: bool = False,
               allow_all_same: bool = False, search: Optional[list[Path]] = None,
@@ -282,6 +299,7 @@ def build_moe(config: MoEConfig | str | Path, out: str | Path, *, seed: int = 0,
                     shutil.copyfile(f, tmp / name)
         text = source.read_text() if source is not None else json.dumps(config.model_dump(mode="json"), indent=2)
         (tmp / "mergekit_moe_config.yml").write_text(text)
+        (tmp / "README.md").write_text(moe_card(config, text, [base_dir, *(ck.path for ck in experts)]))
         manifest = {"kind": "moe", "gate_mode": config.gate_mode, "seed": seed, "experts": len(experts),
                     "experts_per_token": config.experts_per_token, "dtype": str(dtype).removeprefix("torch."),
                     "base_model": str(config.base_model),

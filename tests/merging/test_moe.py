@@ -163,3 +163,15 @@ def test_command_line(fam, tmp_path):
                        text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--overwrite" in r.stderr
     assert yaml.safe_load((tmp_path / "mix" / "mergekit_moe_config.yml").read_text())["gate_mode"] == "cheap_embed"
+    card = (tmp_path / "mix" / "README.md").read_text()
+    assert "a Mixtral mixture of 3 experts, 2 per token" in card and "1. `" + str(fam["ft1"]) + "`: 'w10 w11', 'w12'" in card
+    assert "base_model" not in card.split("---")[1]  # local folders only: no hub id to name
+
+
+def test_card_names_hub_models_only(fam):
+    from merging.moe import MoEConfig, moe_card
+
+    config = MoEConfig.model_validate(_config(fam, "random"))
+    card = moe_card(config, "gate_mode: random\n", [Path("/cache/models--org--base/snapshots/0123abc"),
+                                                   Path("/data/local-expert")])
+    assert card.startswith("---\nbase_model:\n- org/base\nlibrary_name: transformers\n")
