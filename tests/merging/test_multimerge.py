@@ -152,9 +152,7 @@ def test_command_line(family_fp32, tmp_path):
 def test_a_killed_run_resumes_the_recipe_it_was_merging(family_fp32, tmp_path):
     """kill -9 while the second recipe is half written, then the same command again: the first recipe is kept, the
     second continues from its verified shards, and every output is byte-identical to an uninterrupted run."""
-    import os
-    import signal
-    import time
+    from test_reliability import _kill_after_shards
 
     file = _write(tmp_path / "multi.yml", _docs(family_fp32))
     run_multimerge(file, tmp_path / "ref", tmp_path / "ref_final", progress=False, copy_tokenizer=False,
@@ -162,18 +160,7 @@ def test_a_killed_run_resumes_the_recipe_it_was_merging(family_fp32, tmp_path):
     cmd = [sys.executable, "-m", "alloy", "multimerge", str(file), "-I", str(tmp_path / "inter"), "--out-path",
            str(tmp_path / "final"), "--no-copy-tokenizer", "--shard-size", "20KB"]
     partial = tmp_path / "inter" / ".tuned.alloy-partial"
-    proc = subprocess.Popen(cmd, env=dict(os.environ, ALLOY_TEST_SLOW_WRITE="0.05"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if len(json.loads((partial / "alloy_journal.json").read_text())["shards"]) >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after_shards(cmd, partial, 2)
     kept = sorted(json.loads((partial / "alloy_journal.json").read_text())["shards"])
     stamps = {f: (partial / f).stat().st_mtime_ns for f in kept}
     assert (tmp_path / "inter" / "soup").exists() and not (tmp_path / "inter" / "tuned").exists()
