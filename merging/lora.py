@@ -45,7 +45,7 @@ import torch
 from merging.errors import InputError
 from merging.hashing import file_sha256
 from merging.io import DTYPE_NAME, Checkpoint, ShardFile, TensorInfo, dtype_size, model_file, read_header, read_tensor
-from merging.tokenizer import TOKENIZER_FILES, has_tokenizer
+from merging.tokenizer import TOKENIZER_COPY, has_tokenizer
 
 # Bump when the output for the same inputs could change (numerics, layout, copied files): old cache folders are then
 # never reused, as their names no longer match.
@@ -55,7 +55,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_COPY = tuple(dict.fromkeys(TOKENIZER_FILES + ("chat_template.jinja", "chat_template.json")))
 PEFT_PREFIX = "base_model.model."
 # model types whose projections are transformers' Conv1D (weight stored (in, out)), for which peft forces
 # fan_in_fan_out=True; everywhere else the targets are nn.Linear and peft forces it False

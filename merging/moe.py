@@ -205,7 +205,7 @@ def build_moe(config: MoEConfig | str | Path, out: str | Path, *, seed: int = 0,
     """Write the Mixtral mixture of a mergekit-moe config into `out` (atomically); returns its manifest."""
     from merging.folders import build_folder, replace_folder
     from merging.plan import local_model
-    from merging.tokenizer import TOKENIZER_FILES
+    from merging.tokenizer import TOKENIZER_COPY
     from merging.io import model_file
 
     source = None
@@ -294,7 +294,7 @@ def build_moe(config: MoEConfig | str | Path, out: str | Path, *, seed: int = 0,
         (tmp / "config.json").write_text(json.dumps(mixtral_config(base_dir, len(experts), config.experts_per_token,
                                                                    dtype), indent=2) + "\n")
         if copy_tokenizer:
-            for name in (*TOKENIZER_FILES, "chat_template.jinja"):
+            for name in TOKENIZER_COPY:
                 if (f := model_file(base_dir, name)) is not None:
                     shutil.copyfile(f, tmp / name)
         text = source.read_text() if source is not None else json.dumps(config.model_dump(mode="json"), indent=2)

@@ -56,6 +56,13 @@ def _copy_path(cfg: dict, parents: list[str]) -> dict:
     return node
 
 
+def _resize_layer_types(cfg: dict, n: int) -> None:
+    """Newer transformers configs list one type per layer: keep the list as long as the layers."""
+    if isinstance(cfg.get("layer_types"), list):
+        types = cfg["layer_types"]
+        cfg["layer_types"] = [types[min(i, len(types) - 1)] for i in range(n)]
+
+
 def output_config(plan: Plan) -> dict:
     cfg = dict(plan.checkpoints[plan.template_index].config)
     if plan.num_layers is not None:
@@ -63,9 +70,7 @@ def output_config(plan: Plan) -> dict:
             if key in cfg:
                 cfg[key] = plan.num_layers
                 break
-        if isinstance(cfg.get("layer_types"), list):  # newer transformers configs list one type per layer
-            types = cfg["layer_types"]
-            cfg["layer_types"] = [types[min(i, len(types) - 1)] for i in range(plan.num_layers)]
+        _resize_layer_types(cfg, plan.num_layers)
     for path, n in plan.depths.items():  # a modular model's module depths (text_config.num_hidden_layers, ...)
         *parents, key = path.split(".")
         parent = cfg
@@ -75,9 +80,8 @@ def output_config(plan: Plan) -> dict:
             continue
         parent = _copy_path(cfg, parents)
         parent[key] = n
-        if key == "num_hidden_layers" and isinstance(parent.get("layer_types"), list):
-            types = parent["layer_types"]
-            parent["layer_types"] = [types[min(i, len(types) - 1)] for i in range(n)]
+        if key == "num_hidden_layers":
+            _resize_layer_types(parent, n)
     if plan.untied:  # the output has its own lm_head: say so (transformers warns on a tied config with both)
         if isinstance(cfg.get("text_config"), dict) and "tie_word_embeddings" in cfg["text_config"]:
             cfg["text_config"] = {**cfg["text_config"], "tie_word_embeddings": False}

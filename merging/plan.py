@@ -303,7 +303,7 @@ def build_plan(config: MergeConfig, *, search_paths: list[Path] | None = None, d
             return 0
         if one_stack[str(ref)]:
             return layers[str(ref)]
-        idx = [i for st, i in (_stack_index(n) for n in names(ref, module)) if st == stack]
+        idx = [s[1] for n in names(ref, module) if (s := _split(n)) and s[0] == stack]
         return max(idx) + 1 if idx else 0
 
     group_layouts = []  # per group: (group, [(stack, slices)])
@@ -535,11 +535,6 @@ class _Names:
         return self._checkpoints[self._index[str(ref)]]
 
 
-def _stack_index(name: str) -> tuple[Optional[str], int]:
-    m = LAYER_RE.match(name)
-    return (m.group(1), int(m.group(2))) if m else (None, -1)
-
-
 def stacks_of(names: list[str]) -> list[str]:
     """The layer stacks among tensor names (`model.layers`, `vision_tower.transformer.layers`), in name order."""
     return sorted({m.group(1) for n in names if (m := LAYER_RE.match(n))})
@@ -622,12 +617,12 @@ def _lay_out_group(config: MergeConfig, g: _Group, runs: list[tuple[Optional[str
             for k in range(n_layers):
                 t = k / (n_layers - 1) if n_layers > 1 else 1.0
                 in_layer0 = ref0.layer_range[0] + k
-                suffixes = [(p, x) for p, i, x in _layer_tensors(names(ref0.model, module), in_layer0, stack)]
+                suffixes = _layer_tensors(names(ref0.model, module), in_layer0, stack)
                 if not suffixes and depth(ref0.model, module, stack) > 0:
                     raise InputError(f"model {ref0.model} has no tensors for layer {in_layer0}")
                 for s in sl.sources[1:]:
                     layer = s.layer_range[0] + k
-                    theirs = [f"{p}.{i}.{x}" for p, i, x in _layer_tensors(names(s.model, module), layer, stack)]
+                    theirs = [f"{p}.{layer}.{x}" for p, x in _layer_tensors(names(s.model, module), layer, stack)]
                     _check_no_extra(s.model, theirs, {f"{p}.{layer}.{x}" for p, x in suffixes}, ref0.model,
                                     f" (its layer {in_layer0})")
                 for prefix, suffix in suffixes:
@@ -645,10 +640,9 @@ def _lay_out_group(config: MergeConfig, g: _Group, runs: list[tuple[Optional[str
     return out_depth, any(any(h in n for h in OUTPUT_HEADS) for n in post)
 
 
-def _layer_tensors(names: list[str], layer: int, stack: Optional[str]) -> list[tuple[str, int, str]]:
-    """(stack, index, suffix) of the tensors of one layer, in one stack (None: any)."""
-    return [(m.group(1), layer, m.group(3)) for n in names if (m := LAYER_RE.match(n)) and int(m.group(2)) == layer
-            and (stack is None or m.group(1) == stack)]
+def _layer_tensors(names: list[str], layer: int, stack: Optional[str]) -> list[tuple[str, str]]:
+    """(stack, suffix) of the tensors of one layer, in one stack (None: any)."""
+    return [(s[0], s[2]) for n in names if (s := _split(n)) and s[1] == layer and (stack is None or s[0] == stack)]
 
 
 def _outside_tokenizer(config: MergeConfig, index: dict[str, int], search: list[Path],

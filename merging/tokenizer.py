@@ -40,6 +40,8 @@ from merging.io import Checkpoint, model_file
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "spiece.model")
+# what a copied tokenizer takes: its files and a chat template kept beside them
+TOKENIZER_COPY = tuple(dict.fromkeys(TOKENIZER_FILES + ("chat_template.jinja", "chat_template.json")))
 # name parts of vocabulary-indexed tensors across Hugging Face decoders (Llama/Qwen/Mistral/Gemma, GPT-2, GPT-NeoX,
 # Phi, Falcon); the row count must also equal the model's vocab_size, which leaves out position embeddings
 VOCAB_PARTS = frozenset({"embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "lm_head",
